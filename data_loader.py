@@ -1,0 +1,269 @@
+"""Task files, the item index, the 80/5/15 split and batching (SPEC 1-2).
+
+File formats (SPEC 1): a task-1 file holds one left-padded sequence of raw item ids per line;
+a task-n file holds `SOURCE,,TARGETS` lines. Every reader validates before anything is
+trained and raises `UserError` naming the file and the line.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from utils import UserError, atomic_write_json, metric_kind, read_json, sha256_file
+
+DATA_ROOT = Path("Data")
+_INT_ROW = re.compile(r"\d+(,\d+)*")
+
+
+# ------------------------------------------------------------------------------- reading
+
+def _read_lines(path: str | Path) -> list[str]:
+    """Lines of a text file; CRLF endings and a missing final newline are accepted."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf") or raw.startswith(b"\xff\xfe") or raw.startswith(b"\xfe\xff"):
+        raise UserError(f"{path}: line 1: starts with a byte-order mark; save the file as plain ASCII/UTF-8")
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: non-ASCII byte; expected comma-separated integers") from None
+    lines = text.replace("\r\n", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise UserError(f"{path}: file is empty")
+    return lines
+
+
+def _parse_rows(rows: list[str], path: Path, what: str, line_no: list[int] | None = None) -> np.ndarray:
+    """Parse comma-separated non-negative integers of equal count per row -> int64 [rows, L]."""
+    for i, row in enumerate(rows):
+        if not _INT_ROW.fullmatch(row):
+            n = line_no[i] if line_no else i + 1
+            bad = next((t for t in row.split(",") if not t.isdigit()), row)
+            problem = "is empty" if row == "" else f"has token {bad!r}, not a non-negative integer"
+            raise UserError(f"{path}: line {n}: {what} {problem}")
+    lengths = np.fromiter((r.count(",") + 1 for r in rows), dtype=np.int64, count=len(rows))
+    if (lengths != lengths[0]).any():
+        i = int(np.argmax(lengths != lengths[0]))
+        n = line_no[i] if line_no else i + 1
+        raise UserError(f"{path}: line {n}: {what} has {lengths[i]} items, line "
+                        f"{line_no[0] if line_no else 1} has {lengths[0]}; pad every line to one length")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flat = np.fromstring(",".join(rows), dtype=np.int64, sep=",")  # rows validated above
+    return flat.reshape(len(rows), int(lengths[0]))
+
+
+def read_sequence_file(path: str | Path) -> np.ndarray:
+    """Task-1 file -> raw item ids, int64 [lines, L] (SPEC 1)."""
+    path = Path(path)
+    return _parse_rows(_read_lines(path), path, "sequence")
+
+
+def read_task_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Task-n file -> (sources [lines, L] raw ids, targets [examples] raw labels,
+    line_of_example [examples]); a line with k targets gives k examples (SPEC 1)."""
+    path = Path(path)
+    lines = _read_lines(path)
+    sources, targets = [], []
+    for i, line in enumerate(lines):
+        src, sep, tgt = line.partition(",,")
+        if not sep:
+            raise UserError(f"{path}: line {i + 1}: no ',,' between the source sequence and the targets")
+        if not tgt:
+            raise UserError(f"{path}: line {i + 1}: no target after ',,'")
+        sources.append(src)
+        targets.append(tgt)
+    line_no = list(range(1, len(lines) + 1))
+    src = _parse_rows(sources, path, "source", line_no)
+    for i, t in enumerate(targets):
+        if not _INT_ROW.fullmatch(t):
+            raise UserError(f"{path}: line {i + 1}: targets {t!r} are not comma-separated non-negative integers")
+    counts = np.fromiter((t.count(",") + 1 for t in targets), dtype=np.int64, count=len(targets))
+    tgt = np.fromstring(",".join(targets), dtype=np.int64, sep=",")
+    return src, tgt, np.repeat(np.arange(len(lines)), counts)
+
+
+# ---------------------------------------------------------------------------- item index
+
+def build_item_index(sequences: np.ndarray) -> np.ndarray:
+    """Sorted distinct non-zero raw ids; raw id items[k] maps to k+1, padding 0 maps to 0."""
+    items = np.unique(sequences)
+    return items[items != 0]
+
+
+def index_checksum(items: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(items, dtype=np.int64).tobytes()).hexdigest()
+
+
+def save_item_index(path: str | Path, items: np.ndarray, source: str | Path) -> None:
+    """JSON, never a Python repr (the official code `eval`s its index file)."""
+    atomic_write_json(path, {"source": str(source), "num_items": int(len(items)) + 1,
+                             "checksum": index_checksum(items), "items": [int(x) for x in items]})
+
+
+def load_item_index(path: str | Path) -> np.ndarray:
+    obj = read_json(path, "item index")
+    try:
+        items = np.asarray(obj["items"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: not an item index (needs an 'items' list of integers)") from None
+    if items.ndim != 1 or (items <= 0).any() or (np.diff(items) <= 0).any():
+        raise UserError(f"{path}: item index must list distinct positive ids in increasing order")
+    if obj.get("checksum") not in (None, index_checksum(items)):
+        raise UserError(f"{path}: item index checksum does not match its items (file edited?)")
+    return items
+
+
+def map_items(raw: np.ndarray, items: np.ndarray, path: Path) -> np.ndarray:
+    """Raw ids -> 0..N-1 through the index; an id absent from the task-1 index is an error."""
+    pos = np.searchsorted(items, raw)
+    pos_c = np.minimum(pos, len(items) - 1)
+    ok = (raw == 0) | (items[pos_c] == raw)
+    if not ok.all():
+        row = int(np.argwhere(~ok)[0][0]) if raw.ndim == 2 else int(np.argmax(~ok))
+        bad = int(raw[~ok].flat[0])
+        raise UserError(f"{path}: line {row + 1}: item {bad} is not in the task-1 item index")
+    return np.where(raw == 0, 0, pos + 1)
+
+
+# --------------------------------------------------------------------------------- split
+
+def split_sizes(n: int) -> tuple[int, int, int]:
+    """80/5/15 as the official `dev = -int(0.2*N)`, `valid_end = int(dev*0.75)` (SPEC 2)."""
+    n_dev = int(0.2 * n)
+    n_test = int(n_dev * 0.75)
+    return n - n_dev, n_dev - n_test, n_test
+
+
+def split_examples(line_of_example: np.ndarray, seed: int, by: str = "example") -> dict[str, np.ndarray]:
+    """One permutation under `seed`; `by='source'` keeps all targets of one line in one split."""
+    rng = np.random.RandomState(seed)
+    if by == "example":
+        perm = rng.permutation(len(line_of_example))
+        n_train, n_valid, _ = split_sizes(len(perm))
+        parts = np.split(perm, [n_train, n_train + n_valid])
+    elif by == "source":
+        n_lines = int(line_of_example.max()) + 1
+        perm = rng.permutation(n_lines)
+        n_train, n_valid, _ = split_sizes(n_lines)
+        which = np.empty(n_lines, dtype=np.int64)
+        for k, part in enumerate(np.split(perm, [n_train, n_train + n_valid])):
+            which[part] = k
+        rank = np.empty(n_lines, dtype=np.int64)
+        rank[perm] = np.arange(n_lines)
+        ex = np.argsort(rank[line_of_example], kind="stable")
+        parts = [ex[which[line_of_example[ex]] == k] for k in range(3)]
+    else:
+        raise UserError(f"--split_by {by}: use 'example' or 'source'")
+    return dict(zip(("train", "valid", "test"), parts))
+
+
+# ------------------------------------------------------------------------------ the task
+
+@dataclass
+class TaskData:
+    """One task's examples after mapping: `sources[line_of_example[i]]` -> `targets[i]`.
+
+    Task 1: examples are the sequences themselves and `targets` is unused (-1).
+    """
+    task: int
+    name: str
+    path: str
+    sources: torch.Tensor          # [lines, L] item indices
+    targets: torch.Tensor          # [examples] class indices 0..K-1
+    line_of_example: torch.Tensor  # [examples]
+    num_classes: int
+    labels: np.ndarray             # raw target label of class k (task n >= 2)
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return metric_kind(self.num_classes)
+
+    def batch(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source sequences [b, L], targets [b]) of examples `idx` on `device`."""
+        i = torch.from_numpy(idx)
+        return (self.sources[self.line_of_example[i]].to(device, non_blocking=True),
+                self.targets[i].to(device, non_blocking=True))
+
+
+def load_task1(path: str | Path, seed: int, index_path: str | Path | None = None,
+               split_by: str = "example") -> tuple[TaskData, np.ndarray]:
+    """Read the task-1 file, build its item index (written to `index_path` if given), split."""
+    path = Path(path)
+    raw = read_sequence_file(path)
+    if raw.shape[1] < 2:
+        raise UserError(f"{path}: sequences need at least 2 items (inputs seq[:-1], target seq[-1])")
+    items = build_item_index(raw)
+    if len(items) == 0:
+        raise UserError(f"{path}: every item is padding (0); nothing to learn")
+    if index_path is not None:
+        save_item_index(index_path, items, path)
+    seqs = torch.from_numpy(map_items(raw, items, path))
+    lines = torch.arange(len(seqs))
+    data = TaskData(1, "task1", str(path), seqs, torch.full((len(seqs),), -1), lines,
+                    len(items) + 1, np.arange(len(items) + 1))
+    data.splits = split_examples(lines.numpy(), seed, split_by)
+    return data, items
+
+
+def load_task(task: int, path: str | Path, items: np.ndarray, seed: int, split_by: str = "example",
+              name: str | None = None) -> TaskData:
+    """Read a task-n file, map sources through the task-1 index and targets to 0..K-1, split."""
+    path = Path(path)
+    raw_src, raw_tgt, line_of_example = read_task_file(path)
+    sources = torch.from_numpy(map_items(raw_src, items, path))
+    labels, targets = np.unique(raw_tgt, return_inverse=True)
+    data = TaskData(task, name or f"task{task}", str(path), sources, torch.from_numpy(targets),
+                    torch.from_numpy(line_of_example), len(labels), labels)
+    data.splits = split_examples(line_of_example, seed, split_by)
+    return data
+
+
+def batches(idx: np.ndarray, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
+    """Consecutive batches of `idx` (reshuffled by `rng` if given); the partial last batch is kept."""
+    if rng is not None:
+        idx = rng.permutation(idx)
+    for start in range(0, len(idx), batch_size):
+        yield idx[start:start + batch_size]
+
+
+# ------------------------------------------------------------------------------ manifest
+
+def load_manifest(dataset: str, root: str | Path = DATA_ROOT) -> dict:
+    """`Data/<dataset>/tasks.json` (or a path to a tasks.json) with absolute task-file paths."""
+    path = Path(dataset)
+    if path.suffix != ".json":
+        path = Path(root) / dataset / "tasks.json"
+        if not path.is_file():
+            raise UserError(f"{path}: dataset manifest not found; run `python prepare_data.py {dataset}` first")
+    manifest = read_json(path, "dataset manifest")
+    try:
+        for t in manifest["tasks"]:
+            t["file"] = str((path.parent / t["file"]))
+            int(t["task"]), str(t["name"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: manifest needs a 'tasks' list of {{task, name, file}} entries") from None
+    manifest["path"] = str(path)
+    manifest["dir"] = str(path.parent)
+    return manifest
+
+
+def manifest_task(manifest: dict, task: int) -> dict:
+    for t in manifest["tasks"]:
+        if int(t["task"]) == task:
+            return t
+    raise UserError(f"{manifest['path']}: has no task {task} (it lists "
+                    f"{[t['task'] for t in manifest['tasks']]})")

@@ -1,0 +1,172 @@
+"""NextItNet backbone with TERACON's task-specific soft masks (SPEC 3-4, paper Sec. 4.1-4.2).
+
+Shapes: B batch rows, L positions, C channels, T tasks known to the model, M = 2 * blocks
+masked layers (layer 2b is block b's first conv, 2b+1 its second).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHANNELS = 256
+DILATIONS = (1, 4, 1, 4, 1, 4, 1, 4)
+KERNEL = 3
+EMB_INIT = (0.0, 2.0)   # task embeddings ~ U(0, 2)
+EMB_CLAMP = 6.0         # |e_t| <= 6 after every step
+
+
+class CausalConv1d(nn.Conv1d):
+    """Dilated causal convolution on [B, L, C]: left zero-padding (k-1)*d, one GEMM over taps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, d = self.kernel_size[0], self.dilation[0]
+        length = x.shape[1]
+        xp = F.pad(x, (0, 0, (k - 1) * d, 0))
+        taps = torch.cat([xp[:, j * d: j * d + length] for j in range(k)], dim=-1)  # [B, L, kC]
+        weight = self.weight.permute(0, 2, 1).reshape(self.out_channels, -1)       # [C, kC]
+        return F.linear(taps, weight, self.bias)
+
+
+class ResidualBlock(nn.Module):
+    """conv(d) -> LN -> ReLU -> * m1 -> conv(2d) -> LN -> ReLU -> * m2, plus the input (SPEC 3)."""
+
+    def __init__(self, channels: int, kernel: int, dilation: int):
+        super().__init__()
+        self.conv1 = CausalConv1d(channels, channels, kernel, dilation=dilation)
+        self.ln1 = nn.LayerNorm(channels, eps=1e-8)
+        self.conv2 = CausalConv1d(channels, channels, kernel, dilation=2 * dilation)
+        self.ln2 = nn.LayerNorm(channels, eps=1e-8)
+
+    def forward(self, x: torch.Tensor, mask1: torch.Tensor, mask2: torch.Tensor) -> torch.Tensor:
+        """x [B, L, C]; masks [B or 1, C], broadcast over positions."""
+        out = F.relu(self.ln1(self.conv1(x))) * mask1.unsqueeze(1)
+        out = F.relu(self.ln2(self.conv2(out))) * mask2.unsqueeze(1)
+        return out + x
+
+
+def relation_stack(num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row t lists (task, sign) of E_t = [e_t; e_j; -e_j for j != t, increasing j] (eq. 12)."""
+    index, sign = [], []
+    for t in range(num_tasks):
+        others = [j for j in range(num_tasks) if j != t]
+        index.append([t] + [j for j in others for _ in (0, 1)])
+        sign.append([1.0] + [s for _ in others for s in (1.0, -1.0)])
+    return torch.tensor(index), torch.tensor(sign)
+
+
+class TaskMasks(nn.Module):
+    """Task embeddings e_t of every masked layer and the relation MLPs (Sec. 4.1-4.2).
+
+    `plain_mask` is sigmoid(s * e_t) (eq. 3); `relation_mask` is eq. 12-13:
+    sigmoid(s * (w_t . tanh(s * E_t) + b_t)), one Linear(2T-1 -> 1) per task and layer.
+    Both return every task's masks at once: [T, M, C].
+    """
+
+    def __init__(self, num_tasks: int, num_layers: int, channels: int):
+        super().__init__()
+        self.task_embedding = nn.Parameter(torch.empty(num_tasks, num_layers, channels).uniform_(*EMB_INIT))
+        self.relation_weight = nn.Parameter(torch.empty(num_tasks, num_layers, 2 * num_tasks - 1))
+        self.relation_bias = nn.Parameter(torch.empty(num_tasks, num_layers))
+        self.reset_relation()
+        index, sign = relation_stack(num_tasks)
+        self.register_buffer("stack_index", index, persistent=False)
+        self.register_buffer("stack_sign", sign, persistent=False)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.task_embedding.shape[0]
+
+    def reset_relation(self) -> None:
+        """Fresh relation MLPs: w ~ N(0, 0.01), b = 0.1 (SPEC 4)."""
+        with torch.no_grad():
+            self.relation_weight.normal_(0.0, 0.01)
+            self.relation_bias.fill_(0.1)
+
+    def plain_mask(self, s: float) -> torch.Tensor:
+        return torch.sigmoid(s * self.task_embedding)
+
+    def relation_mask(self, s: float) -> torch.Tensor:
+        stacked = self.task_embedding[self.stack_index] * self.stack_sign[:, :, None, None]  # [T, 2T-1, M, C]
+        h = torch.tanh(s * stacked)
+        a = torch.einsum("tkmc,tmk->tmc", h, self.relation_weight) + self.relation_bias[..., None]
+        return torch.sigmoid(s * a)
+
+    def forward(self, s: float, relation: bool = True) -> torch.Tensor:
+        """Masks of every task [T, M, C]; a one-task model always uses plain masks (SPEC 4)."""
+        if relation and self.num_tasks > 1:
+            return self.relation_mask(s)
+        return self.plain_mask(s)
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.task_embedding.clamp_(-EMB_CLAMP, EMB_CLAMP)
+
+
+def init_head(head: nn.Linear) -> nn.Linear:
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.01)
+        head.bias.fill_(0.1)
+    return head
+
+
+class NextItNet(nn.Module):
+    """Item embedding, dilated residual blocks, task masks and one linear head per task."""
+
+    def __init__(self, num_items: int, head_sizes: list[int], channels: int = CHANNELS,
+                 dilations: tuple[int, ...] = DILATIONS, kernel: int = KERNEL, relation: bool = True):
+        super().__init__()
+        self.num_items, self.channels = num_items, channels
+        self.dilations, self.kernel, self.relation = tuple(dilations), kernel, relation
+        self.item_embedding = nn.Embedding(num_items, channels)
+        bound = math.sqrt(1.0 / num_items)
+        nn.init.uniform_(self.item_embedding.weight, -bound, bound)
+        self.blocks = nn.ModuleList(ResidualBlock(channels, kernel, d) for d in self.dilations)
+        self.task_masks = TaskMasks(len(head_sizes), 2 * len(self.dilations), channels)
+        self.heads = nn.ModuleList(init_head(nn.Linear(channels, k)) for k in head_sizes)
+
+    # ---- construction ------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self.heads)
+
+    def config(self) -> dict:
+        return {"num_items": self.num_items, "head_sizes": [h.out_features for h in self.heads],
+                "channels": self.channels, "dilations": list(self.dilations), "kernel": self.kernel,
+                "relation": self.relation}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "NextItNet":
+        cfg = dict(ckpt["config"])
+        model = cls(cfg.pop("num_items"), cfg.pop("head_sizes"), **cfg)
+        model.load_state_dict(ckpt["state_dict"])
+        return model
+
+    def add_task(self, num_classes: int) -> None:
+        """Grow from T to T+1 tasks: a new task embedding and head; every relation MLP is
+        re-initialised (its input width 2T-1 changes); all other weights carry over (SPEC 4)."""
+        old = self.task_masks
+        new = TaskMasks(old.num_tasks + 1, old.task_embedding.shape[1], self.channels)
+        with torch.no_grad():
+            new.task_embedding[:-1] = old.task_embedding
+        self.task_masks = new.to(old.task_embedding.device)
+        self.heads.append(init_head(nn.Linear(self.channels, num_classes)).to(old.task_embedding.device))
+
+    # ---- forward -----------------------------------------------------------------------
+    def masks(self, s: float) -> torch.Tensor:
+        """Every task's masks [T, M, C] at annealing scale s."""
+        return self.task_masks(s, self.relation)
+
+    def encode(self, seq: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, L, C] of item sequences [B, L] under per-row masks [B or 1, M, C]."""
+        x = self.item_embedding(seq)
+        for b, block in enumerate(self.blocks):
+            x = block(x, masks[:, 2 * b], masks[:, 2 * b + 1])
+        return x
+
+    def forward(self, seq: torch.Tensor, task: int, s: float) -> torch.Tensor:
+        """Logits of task `task` (0-based) from the last position of `seq`."""
+        masks = self.masks(s)[task].unsqueeze(0)
+        return self.heads[task](self.encode(seq, masks)[:, -1])

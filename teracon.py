@@ -1,0 +1,343 @@
+"""TERACON training: task 1 (next-item prediction) and task n >= 2 with knowledge retention.
+
+One routine serves every task; `train_task1.py`, `train_teracon_t2.py` ... and
+`train_teracon.py --task N` are thin entry points around `main`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data_loader as dl
+from nextitnet import NextItNet
+from utils import (UserError, atomic_torch_save, atomic_write_json, library_versions, load_checkpoint,
+                   metric_sums, rank_of_target, resolve_device, set_seed, sha256_file)
+
+log = logging.getLogger("teracon")
+
+ALPHA = 0.7          # weight of the knowledge-retention loss (eq. 18)
+RHO_INIT = 0.9       # initial sampling ratio of every past task
+RHO_SHARPNESS = 6.0  # rho_i = 1 - mean sigmoid(6 * cos(...)) (eq. 15)
+TTL_FILES = {1: "original_desen_pretrain.csv", 2: "original_desen_finetune_click_nouserID.csv",
+             3: "original_desen_finetune_like_nouserID.csv", 4: "original_desen_age.csv",
+             5: "original_desen_gender.csv", 6: "original_desen_lifestatus.csv"}
+
+
+# ------------------------------------------------------------------------ the method
+
+def anneal_s(batch: int, batches_per_epoch: float, smax: float) -> float:
+    """eq. 19: s = 1/smax + (smax - 1/smax) * b / B, with B = n_train / batch_size."""
+    return 1.0 / smax + (smax - 1.0 / smax) * batch / batches_per_epoch
+
+
+def sample_subsets(rho: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """An independent random subset of floor(rho_i * B) rows of the batch for every past task."""
+    return [rng.permutation(batch_size)[: int(math.floor(r * batch_size))] for r in rho]
+
+
+def knowledge_retention_loss(student: list[torch.Tensor | None], teacher: list[torch.Tensor | None],
+                             rho: np.ndarray) -> torch.Tensor:
+    """eq. 16-17: sum_i rho_i / sum_j rho_j * MSE(student_i, teacher_i); empty subsets add nothing."""
+    weights = rho / rho.sum()
+    terms = [w * F.mse_loss(s, t) for w, s, t in zip(weights, student, teacher) if s is not None and len(s)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def update_rho(teacher_masks: torch.Tensor, new_task_mask: torch.Tensor) -> np.ndarray:
+    """eq. 15: rho_i = 1 - mean over masked layers of sigmoid(6 * cos(m_i^teacher, m_new^student)).
+
+    teacher_masks [T-1, M, C], new_task_mask [M, C] -> [T-1].
+    """
+    cos = F.cosine_similarity(teacher_masks, new_task_mask.unsqueeze(0), dim=-1)  # [T-1, M]
+    return (1.0 - torch.sigmoid(RHO_SHARPNESS * cos).mean(dim=1)).detach().double().cpu().numpy()
+
+
+def past_task_logits(model: NextItNet, masks: torch.Tensor, src: torch.Tensor,
+                     subsets: list[np.ndarray], extra: torch.Tensor | None = None
+                     ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """Logits of every past task i on its subset rows of `src`, in one backbone pass.
+
+    Rows of all subsets (and the `extra` rows, which use the last task's mask) are stacked
+    and run once with per-row masks. Task 1 reads position -2, i.e. the last position of
+    `src[:, :-1]`, which is the same because every layer is causal (SPEC 5.2).
+    Returns (logits per past task, None where its subset is empty; hidden states of `extra`).
+    """
+    device = src.device
+    rows = [torch.as_tensor(sub, device=device, dtype=torch.long) for sub in subsets]
+    task_of_row = torch.cat([torch.full((len(r),), i, device=device) for i, r in enumerate(rows)])
+    seqs = src[torch.cat(rows)] if rows else src[:0]
+    if extra is not None:
+        task_of_row = torch.cat([task_of_row, torch.full((len(extra),), model.num_tasks - 1, device=device)])
+        seqs = torch.cat([seqs, extra])
+    hidden = model.encode(seqs, masks[task_of_row])
+    logits, start = [], 0
+    for i, r in enumerate(rows):
+        pos = -2 if i == 0 else -1
+        logits.append(model.heads[i](hidden[start:start + len(r), pos]) if len(r) else None)
+        start += len(r)
+    return logits, (hidden[start:, -1] if extra is not None else None)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, device: torch.device,
+             batch_size: int = 1024) -> dict[str, float]:
+    """Every example of the split once, in order, at s = smax (SPEC 2, 6)."""
+    model.eval()
+    task = data.task - 1
+    masks = model.masks(smax)[task].unsqueeze(0)
+    idx = data.splits[split]
+    sums: dict[str, float] = {}
+    for batch in dl.batches(idx, batch_size):
+        src, tgt = data.batch(batch, device)
+        if data.task == 1:
+            src, tgt = src[:, :-1], src[:, -1]
+        logits = model.heads[task](model.encode(src, masks)[:, -1])
+        for k, v in metric_sums(rank_of_target(logits.float(), tgt), data.kind).items():
+            sums[k] = sums.get(k, 0.0) + v
+    model.train()
+    return {k: v / max(len(idx), 1) for k, v in sums.items()}
+
+
+# ------------------------------------------------------------------------ training steps
+
+class Task1Step:
+    """Next-item loss on every position (SPEC 3) plus `mask_reg` * mean of all masks."""
+
+    def __init__(self, model: NextItNet, mask_reg: float):
+        self.model, self.mask_reg = model, mask_reg
+
+    def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
+        masks = self.model.masks(s)
+        logits = self.model.heads[0](self.model.encode(src[:, :-1], masks))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), src[:, 1:].reshape(-1))
+        return loss + self.mask_reg * masks.mean()
+
+
+class TaskNStep:
+    """New-task cross-entropy plus alpha * knowledge retention from the frozen teacher (Sec. 4.3)."""
+
+    def __init__(self, model: NextItNet, teacher: NextItNet, alpha: float, rng: np.random.Generator):
+        self.model, self.teacher, self.alpha, self.rng = model, teacher, alpha, rng
+        self.rho = np.full(teacher.num_tasks, RHO_INIT)
+
+    def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
+        subsets = sample_subsets(self.rho, len(src), self.rng)
+        with torch.no_grad():
+            teacher_masks = self.teacher.masks(s)
+            teacher_logits, _ = past_task_logits(self.teacher, teacher_masks, src, subsets)
+        masks = self.model.masks(s)
+        student_logits, hidden = past_task_logits(self.model, masks, src, subsets, extra=src)
+        loss = F.cross_entropy(self.model.heads[-1](hidden), tgt)
+        if self.alpha:
+            loss = loss + self.alpha * knowledge_retention_loss(student_logits, teacher_logits, self.rho)
+        self.rho = update_rho(teacher_masks, masks[-1])  # used by the next batch
+        return loss
+
+
+# ------------------------------------------------------------------------- the loop
+
+def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, device: torch.device,
+          save) -> dict:
+    """Epochs with annealed s, early stopping on validation hit@1 (SPEC 6); `save(summary)`
+    writes the checkpoint at the first epoch and at every improvement."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed)
+    train_idx = data.splits["train"]
+    batches_per_epoch = len(train_idx) / args.batch
+    summary = {"epochs": [], "best_epoch": None, "valid": None, "test": None, "finished": False}
+    best, bad_epochs, skipped = -math.inf, 0, 0
+    for epoch in range(1, args.epochs + 1):
+        start, total, count = time.time(), 0.0, 0
+        model.train()
+        bar = tqdm(dl.batches(train_idx, args.batch, rng), total=math.ceil(batches_per_epoch),
+                   desc=f"task {data.task} epoch {epoch}", leave=False, disable=args.quiet)
+        for b, batch in enumerate(bar):
+            src, tgt = data.batch(batch, device)
+            loss = step.loss(src, tgt, anneal_s(b, batches_per_epoch, args.smax))
+            optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                optimizer.step()
+                total, count = total + loss.item(), count + 1
+            else:
+                skipped += 1
+            model.task_masks.clamp_()
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        valid = evaluate(model, data, "valid", args.smax, device, args.eval_batch)
+        record = {"epoch": epoch, "train_loss": total / max(count, 1), "valid": valid,
+                  "seconds": round(time.time() - start, 2), "skipped_steps": skipped}
+        summary["epochs"].append(record)
+        improved = valid["hit@1"] > best
+        if improved:
+            best, bad_epochs = valid["hit@1"], 0
+            summary.update(best_epoch=epoch, valid=valid,
+                           test=evaluate(model, data, "test", args.smax, device, args.eval_batch))
+            save(summary)
+        else:
+            bad_epochs += 1
+        log.info("task %d epoch %d  loss %.4f  valid %s  %s%.1fs", data.task, epoch, record["train_loss"],
+                 _fmt(valid), "* " if improved else "", record["seconds"])
+        save(summary, checkpoint=False)
+        if bad_epochs >= args.patience:
+            log.info("task %d: no improvement for %d epochs, stopping", data.task, args.patience)
+            break
+    summary["finished"] = True
+    save(summary, checkpoint=False)
+    return summary
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+# ------------------------------------------------------------------------ command line
+
+def build_parser(task: int | None) -> argparse.ArgumentParser:
+    """Flags of the authors' scripts (SPEC 6 defaults); `task=None` adds --task."""
+    first = task == 1
+    p = argparse.ArgumentParser(
+        description=(f"Train TERACON task {task}." if task else "Train TERACON task N (N >= 1).")
+        + " Without --dataset/--datapath, reads TTL's file for the task from Data/Session/.")
+    if task is None:
+        p.add_argument("--task", type=int, required=True, help="task number (1 = next-item pretraining)")
+    p.add_argument("--dataset", help="prepared dataset name (Data/NAME/tasks.json) or a tasks.json path; "
+                   "gives the task file, the index and the save folder")
+    p.add_argument("--datapath", help="task file (overrides --dataset)")
+    p.add_argument("--datapath_index", help="item index JSON, written by task 1 and read by later tasks "
+                   "(default Data/Session/index.json, or Data/NAME/index.json with --dataset)")
+    p.add_argument("--savepath", help="output prefix: writes PREFIX.pt and PREFIX.json "
+                   "(default saved_models/taskN, or saved_models/NAME/taskN with --dataset)")
+    p.add_argument("--paths", help="checkpoint of the previous task (default: the previous task's "
+                   "--savepath default); task >= 2 only")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 10 for task 1, 100 otherwise)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3 for task 1, 1e-4 otherwise)")
+    p.add_argument("--batch", type=int, help="training batch size (default 32 for task 1, 1024 otherwise)")
+    p.add_argument("--eval_batch", type=int, default=1024, help="evaluation batch size (default %(default)s)")
+    p.add_argument("--smax", type=float, default=50.0, help="largest annealing scale s (eq. 19; default %(default)s)")
+    p.add_argument("--alpha", type=float, default=ALPHA, help="weight of the knowledge-retention loss (eq. 18); "
+                   "task >= 2 only (default %(default)s)")
+    p.add_argument("--mask_reg", type=float, default=0.75, help="weight of the mean-of-masks term in "
+                   "the task-1 loss (the authors' scripts use 0.75; 0 turns it off); task 1 only (default %(default)s)")
+    p.add_argument("--patience", type=int, default=5, help="epochs without a better validation hit@1 "
+                   "before stopping (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the batches (default %(default)s)")
+    p.add_argument("--split_by", choices=("example", "source"), default="example",
+                   help="'example': split after expanding multi-target lines (the authors' way); "
+                   "'source': all targets of one source line in one split (default %(default)s)")
+    p.add_argument("--name", help="task name recorded in the checkpoint (default from the manifest or file)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
+    """Fill the defaults that depend on the task and the dataset; check the flags."""
+    first = task == 1
+    for flag, value in (("epochs", 10 if first else 100), ("lr", 1e-3 if first else 1e-4),
+                        ("batch", 32 if first else 1024)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if task < 1:
+        raise UserError(f"--task {task}: tasks are numbered from 1")
+    for flag in ("epochs", "batch", "eval_batch", "patience"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if not (args.lr > 0 and args.smax > 0 and args.alpha >= 0 and args.mask_reg >= 0):
+        raise UserError("--lr and --smax must be positive, --alpha and --mask_reg non-negative")
+    if first and args.paths:
+        raise UserError("--paths: task 1 starts from scratch and takes no previous checkpoint")
+    folder, prefix = Path("Data/Session"), Path("saved_models")
+    entry = None
+    if args.dataset:
+        manifest = dl.load_manifest(args.dataset)
+        entry = dl.manifest_task(manifest, task)
+        folder, prefix = Path(manifest["dir"]), prefix / Path(manifest["dir"]).name
+    if args.datapath is None:
+        if entry is None and task not in TTL_FILES:
+            raise UserError(f"--task {task}: give --datapath or --dataset (TTL has tasks 1-6 only)")
+        args.datapath = entry["file"] if entry else str(folder / TTL_FILES[task])
+    if args.name is None:
+        args.name = entry["name"] if entry else Path(args.datapath).stem
+    args.datapath_index = args.datapath_index or str(folder / "index.json")
+    args.savepath = args.savepath or str(prefix / f"task{task}")
+    if not first:
+        args.paths = args.paths or str(prefix / f"task{task - 1}.pt")
+        if Path(args.paths).resolve() == Path(args.savepath + ".pt").resolve():
+            raise UserError(f"--savepath {args.savepath}: would overwrite the checkpoint it starts from")
+    args.task = task
+    return args
+
+
+def main(argv: list[str] | None = None, task: int | None = None) -> dict:
+    args = build_parser(task).parse_args(argv)
+    args = resolve_args(args, task or args.task)
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    task = args.task
+    ckpt_out, summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
+
+    if task == 1:
+        data, items = dl.load_task1(args.datapath, args.seed, split_by=args.split_by)
+        model = NextItNet(len(items) + 1, [data.num_classes])
+        history, teacher = [], None
+    else:
+        prev = load_checkpoint(args.paths)
+        if len(prev["tasks"]) != task - 1:
+            raise UserError(f"{args.paths}: checkpoint knows {len(prev['tasks'])} task(s); "
+                            f"task {task} needs the checkpoint of task {task - 1}")
+        items = dl.load_item_index(args.datapath_index)
+        if dl.index_checksum(items) != prev["item_index"]["checksum"]:
+            raise UserError(f"{args.datapath_index}: item index differs from the one {args.paths} was "
+                            "trained with (retrain task 1 or pass the right --datapath_index)")
+        data = dl.load_task(task, args.datapath, items, args.seed, args.split_by, args.name)
+        teacher = NextItNet.from_checkpoint(prev).to(device).eval().requires_grad_(False)
+        model = NextItNet.from_checkpoint(prev)
+        model.add_task(data.num_classes)
+        history = prev["tasks"]
+    model.to(device)
+    data.name = args.name
+
+    n = {k: len(v) for k, v in data.splits.items()}
+    log.info("task %d (%s): %s, %d classes (%s), split train/valid/test %d/%d/%d, device %s",
+             task, data.name, data.path, data.num_classes, data.kind, n["train"], n["valid"], n["test"], device)
+    if n["valid"] == 0 or n["test"] == 0:
+        raise UserError(f"{data.path}: {sum(n.values())} examples are too few for a 80/5/15 split "
+                        "(need at least 7)")
+    if task == 1:
+        dl.save_item_index(args.datapath_index, items, args.datapath)
+
+    step = Task1Step(model, args.mask_reg) if task == 1 else \
+        TaskNStep(model, teacher, args.alpha, np.random.default_rng([args.seed, 1]))
+    run_args = {k: v for k, v in vars(args).items()}
+    task_entry = {"task": task, "name": data.name, "file": data.path, "file_sha256": sha256_file(data.path),
+                  "num_classes": data.num_classes, "metric": data.kind, "seed": args.seed,
+                  "split_by": args.split_by, "split_sizes": n}
+
+    def save(summary: dict, checkpoint: bool = True) -> None:
+        entry = dict(task_entry, best_epoch=summary["best_epoch"], test=summary["test"])
+        if checkpoint:
+            atomic_torch_save(ckpt_out, {
+                "format": "teracon/1", "method": "teracon", "config": model.config(),
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "tasks": history + [entry], "item_index": {"checksum": dl.index_checksum(items),
+                                                          "num_items": len(items) + 1},
+                "args": run_args, "versions": library_versions()})
+        atomic_write_json(summary_out, {"task": entry, "args": run_args, "checkpoint": str(ckpt_out),
+                                        "versions": library_versions(), **summary})
+
+    start = time.time()
+    summary = train(model, step, data, args, device, save)
+    log.info("task %d done in %.1fs: best epoch %s, test %s -> %s", task, time.time() - start,
+             summary["best_epoch"], _fmt(summary["test"]), ckpt_out)
+    return summary

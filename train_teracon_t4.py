@@ -1,0 +1,9 @@
+"""TERACON task 4: relation-aware masks and knowledge retention from the task-3 model.
+
+    python train_teracon_t4.py --lr 0.0001 --smax 50 --batch 1024
+"""
+from teracon import main
+from utils import run_cli
+
+if __name__ == "__main__":
+    run_cli(lambda argv: main(argv, task=4))
