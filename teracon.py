@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data_loader as dl
@@ -27,6 +29,7 @@ log = logging.getLogger("teracon")
 ALPHA = 0.7          # weight of the knowledge-retention loss (eq. 18)
 RHO_INIT = 0.9       # initial sampling ratio of every past task
 RHO_SHARPNESS = 6.0  # rho_i = 1 - mean sigmoid(6 * cos(...)) (eq. 15)
+CE_CHUNK_ELEMENTS = 1 << 24  # task-1 logits held at once: 64 MB in fp32
 TTL_FILES = {1: "original_desen_pretrain.csv", 2: "original_desen_finetune_click_nouserID.csv",
              3: "original_desen_finetune_like_nouserID.csv", 4: "original_desen_age.csv",
              5: "original_desen_gender.csv", 6: "original_desen_lifestatus.csv"}
@@ -87,11 +90,33 @@ def past_task_logits(model: NextItNet, masks: torch.Tensor, src: torch.Tensor,
     return logits, (hidden[start:, -1] if extra is not None else None)
 
 
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
+
+
+def next_item_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
+                   chunk_elements: int = CE_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Mean cross-entropy of `head(hidden)` [P, N] against `targets` [P], never holding more
+    than `chunk_elements` logits: chunks of positions are recomputed in backward, so loss and
+    gradients equal the full cross-entropy (task 1 over 646k items on TTL)."""
+    rows = max(1, chunk_elements // head.out_features)
+    if rows >= len(hidden):
+        return F.cross_entropy(head(hidden), targets)
+    total = sum(checkpoint(_ce_sum, hidden[i:i + rows], head.weight, head.bias, targets[i:i + rows],
+                           use_reentrant=False) for i in range(0, len(hidden), rows))
+    return total / len(hidden)
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16 autocast for `--amp bf16` (CUDA and CPU); fp32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
 # --------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, device: torch.device,
-             batch_size: int = 1024) -> dict[str, float]:
+             batch_size: int = 1024, amp: str = "fp32") -> dict[str, float]:
     """Every example of the split once, in order, at s = smax (SPEC 2, 6)."""
     model.eval()
     task = data.task - 1
@@ -102,7 +127,8 @@ def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, devic
         src, tgt = data.batch(batch, device)
         if data.task == 1:
             src, tgt = src[:, :-1], src[:, -1]
-        logits = model.heads[task](model.encode(src, masks)[:, -1])
+        with autocast(device, amp):
+            logits = model.heads[task](model.encode(src, masks)[:, -1])
         for k, v in metric_sums(rank_of_target(logits.float(), tgt), data.kind).items():
             sums[k] = sums.get(k, 0.0) + v
     model.train()
@@ -119,8 +145,8 @@ class Task1Step:
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         masks = self.model.masks(s)
-        logits = self.model.heads[0](self.model.encode(src[:, :-1], masks))
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), src[:, 1:].reshape(-1))
+        hidden = self.model.encode(src[:, :-1], masks)
+        loss = next_item_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.heads[0], src[:, 1:].reshape(-1))
         return loss + self.mask_reg * masks.mean()
 
 
@@ -164,7 +190,8 @@ def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, d
                    desc=f"task {data.task} epoch {epoch}", leave=False, disable=args.quiet)
         for b, batch in enumerate(bar):
             src, tgt = data.batch(batch, device)
-            loss = step.loss(src, tgt, anneal_s(b, batches_per_epoch, args.smax))
+            with autocast(device, args.amp):
+                loss = step.loss(src, tgt, anneal_s(b, batches_per_epoch, args.smax))
             optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()
@@ -174,7 +201,7 @@ def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, d
                 skipped += 1
             model.task_masks.clamp_()
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-        valid = evaluate(model, data, "valid", args.smax, device, args.eval_batch)
+        valid = evaluate(model, data, "valid", args.smax, device, args.eval_batch, args.amp)
         record = {"epoch": epoch, "train_loss": total / max(count, 1), "valid": valid,
                   "seconds": round(time.time() - start, 2), "skipped_steps": skipped}
         summary["epochs"].append(record)
@@ -182,7 +209,7 @@ def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, d
         if improved:
             best, bad_epochs = valid["hit@1"], 0
             summary.update(best_epoch=epoch, valid=valid,
-                           test=evaluate(model, data, "test", args.smax, device, args.eval_batch))
+                           test=evaluate(model, data, "test", args.smax, device, args.eval_batch, args.amp))
             save(summary)
         else:
             bad_epochs += 1
@@ -237,6 +264,8 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
                    "'source': all targets of one source line in one split (default %(default)s)")
     p.add_argument("--name", help="task name recorded in the checkpoint (default from the manifest or file)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast for training "
+                   "and evaluation (CUDA, and CPUs with AMX); default %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

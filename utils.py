@@ -51,8 +51,11 @@ def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **({"newline": "\n"} if "b" not in mode else {})) as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:

@@ -1,0 +1,823 @@
+"""Write a dataset's task files in the CONURE/TERACON format (SPEC 1), a manifest and statistics.
+
+    python prepare_data.py ml-100k                      # real data, fetched from RecBole's PyPI wheel
+    python prepare_data.py ml-25m --source ml-25m.zip   # user-supplied MovieLens-25M
+    python prepare_data.py ttl --source DIR             # validate the six CONURE Tencent files
+    python prepare_data.py synthetic --users 200        # small generated data with learnable signal
+
+Every dataset lands in `Data/<dataset>/` (`--out DIR` overrides) as `t<n>_<name>.csv` files plus
+`tasks.json` (the manifest the training scripts read) and `stats.md` (the statistics table, also
+logged). Every file is written through a temporary name and renamed, so none is left half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import re
+import subprocess
+import sys
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+import utils
+from utils import UserError, log
+
+MANIFEST = "tasks.json"
+STATS = "stats.md"
+
+
+# ------------------------------------------------------------------------- task containers
+
+@dataclass
+class Task:
+    """One task in memory: `sources` [lines, L] raw item ids (0 = padding); `targets` one list of
+    labels per line (None for task 1); `users` how many users it covers (None when unknown)."""
+    name: str
+    sources: np.ndarray
+    targets: list[list[int]] | None = None
+    users: int | None = None
+
+
+def left_pad(items: np.ndarray | Sequence[int], length: int) -> np.ndarray:
+    """The last `length` items, left-padded with 0 to exactly `length`."""
+    items = np.asarray(items, dtype=np.int64)[-length:]
+    out = np.zeros(length, dtype=np.int64)
+    if len(items):
+        out[length - len(items):] = items
+    return out
+
+
+def windows(items: np.ndarray, length: int) -> np.ndarray:
+    """Split a sequence into non-overlapping windows of `length`, cut from the end: the most recent
+    windows are full and only the oldest one is left-padded with 0. Shape [ceil(n/length), length]."""
+    items = np.asarray(items, dtype=np.int64)
+    pad = (-len(items)) % length
+    return np.concatenate([np.zeros(pad, dtype=np.int64), items]).reshape(-1, length)
+
+
+def format_sequences(rows: np.ndarray) -> str:
+    """Task-1 format: one comma-separated line per row, LF-terminated."""
+    return "".join(",".join(map(str, row)) + "\n" for row in np.asarray(rows).tolist())
+
+
+def format_task_lines(sources: np.ndarray, targets: Sequence[Sequence[int]]) -> str:
+    """Task-n format: `SOURCE,,TARGETS` per line, LF-terminated."""
+    if len(sources) != len(targets):
+        raise ValueError("one target list per source line")
+    return "".join(",".join(map(str, src)) + ",," + ",".join(map(str, tgt)) + "\n"
+                   for src, tgt in zip(np.asarray(sources).tolist(), targets))
+
+
+def task_lines(task: Task) -> list[str]:
+    """The lines (without newline) a task's file holds."""
+    text = format_sequences(task.sources) if task.targets is None \
+        else format_task_lines(task.sources, task.targets)
+    return text.splitlines()
+
+
+def flatten_targets(targets: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(targets [examples], line_of_example [examples]) as `data_loader.read_task_file` returns."""
+    counts = np.fromiter((len(t) for t in targets), dtype=np.int64, count=len(targets))
+    flat = np.fromiter(itertools.chain.from_iterable(targets), dtype=np.int64, count=int(counts.sum()))
+    return flat, np.repeat(np.arange(len(targets), dtype=np.int64), counts)
+
+
+# ------------------------------------------------------------------------------ statistics
+
+def task_stats(sources: np.ndarray, targets: np.ndarray | None, first: bool) -> dict:
+    """Lines, examples, distinct items in the sources, classes and sequence length of one task.
+    Task 1 (`first`): one example per line, classes = distinct non-zero items + 1 (padding)."""
+    items = np.unique(sources)
+    items = int((items != 0).sum())
+    if first:
+        return {"lines": len(sources), "examples": len(sources), "items": items,
+                "classes": items + 1, "seq_len": int(sources.shape[1])}
+    return {"lines": len(sources), "examples": len(targets), "items": items,
+            "classes": int(len(np.unique(targets))), "seq_len": int(sources.shape[1])}
+
+
+def stats_table(dataset: str, rows: list[dict]) -> str:
+    """A markdown table of per-task statistics."""
+    head = ["task", "name", "users", "lines", "examples", "items in sources", "classes", "seq_len",
+            "metric"]
+    out = [f"# {dataset}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        users = "-" if r.get("users") is None else str(r["users"])
+        out.append(f"| {r['task']} | {r['name']} | {users} | {r['lines']} | {r['examples']} | "
+                   f"{r['items']} | {r['classes']} | {r['seq_len']} | {r['metric']} |")
+    return "\n".join(out) + "\n"
+
+
+def write_manifest(out_dir: Path, dataset: str, protocol: str, entries: list[dict],
+                   stats: list[dict]) -> Path:
+    """Write `tasks.json` and `stats.md` (the table is also logged); return the manifest path."""
+    table = stats_table(dataset, stats)
+    for line in table.rstrip("\n").splitlines():
+        log.info("%s", line)
+    utils.atomic_write_text(out_dir / STATS, table + "\n" + protocol + "\n")
+    manifest = {"dataset": dataset, "protocol": protocol, "tasks": entries}
+    utils.atomic_write_json(out_dir / MANIFEST, manifest)
+    log.info("wrote %s", out_dir / MANIFEST)
+    return out_dir / MANIFEST
+
+
+def _readers() -> tuple[Callable, Callable]:
+    """data_loader's validating readers (imported late: data_loader imports torch)."""
+    from data_loader import read_sequence_file, read_task_file
+    return read_sequence_file, read_task_file
+
+
+def write_dataset(out_dir: str | Path, dataset: str, protocol: str, tasks: list[Task]) -> Path:
+    """Write every task file, read each back with data_loader's readers as a self-check, then the
+    statistics and the manifest. Returns the manifest path."""
+    out_dir = Path(out_dir)
+    if len(tasks) < 2 or tasks[0].targets is not None or any(t.targets is None for t in tasks[1:]):
+        raise ValueError("task 1 has no targets, every later task has targets, at least 2 tasks")
+    read_sequence_file, read_task_file = _readers()
+    entries, stats = [], []
+    for n, task in enumerate(tasks, 1):
+        name = f"t{n}_{task.name}.csv"
+        path = out_dir / name
+        if task.targets is None:
+            utils.atomic_write_text(path, format_sequences(task.sources))
+            flat = None
+        else:
+            utils.atomic_write_text(path, format_task_lines(task.sources, task.targets))
+            flat, line_of = flatten_targets(task.targets)
+        # self-check: the file reads back, through data_loader's readers, exactly as generated
+        if flat is None:
+            ok = np.array_equal(read_sequence_file(path), task.sources)
+        else:
+            src, tgt, lines = read_task_file(path)
+            ok = (np.array_equal(src, task.sources) and np.array_equal(tgt, flat)
+                  and np.array_equal(lines, line_of))
+            del src, tgt, lines
+        if not ok:
+            raise RuntimeError(f"{path}: self-check failed, the file does not read back as written")
+        st = task_stats(task.sources, flat, first=flat is None)
+        metric = utils.metric_kind(st["classes"])
+        stats.append({"task": n, "name": task.name, "users": task.users, "metric": metric, **st})
+        entries.append({"task": n, "name": task.name, "file": name, "num_classes": st["classes"],
+                        "metric": metric})
+        log.info("wrote %s (%d lines)", path, st["lines"])
+    return write_manifest(out_dir, dataset, protocol, entries, stats)
+
+
+# ------------------------------------------------------------------------------- synthetic
+
+SYNTHETIC_NAMES = ["watch", "click", "like", "age", "gender", "lifestatus"]
+SYNTHETIC_CLUSTERS = 4
+
+
+def synthetic_tasks(users: int = 200, items: int = 40, seq_len: int = 10, num_tasks: int = 6,
+                    seed: int = 0, noise: float = 0.1) -> tuple[list[Task], str]:
+    """Generate the tasks of the synthetic dataset (see the protocol string it returns)."""
+    if users < 2 * SYNTHETIC_CLUSTERS:
+        raise UserError(f"--users {users}: need at least {2 * SYNTHETIC_CLUSTERS}")
+    if items < 2 * SYNTHETIC_CLUSTERS:
+        raise UserError(f"--items {items}: need at least {2 * SYNTHETIC_CLUSTERS}")
+    if seq_len < 3:
+        raise UserError(f"--seq_len {seq_len}: need at least 3")
+    if num_tasks < 2:
+        raise UserError(f"--tasks {num_tasks}: need at least 2")
+    rng = np.random.default_rng(seed)
+    k = SYNTHETIC_CLUSTERS
+    cycles = np.array_split(rng.permutation(np.arange(1, items + 1)), k)  # one item cycle per cluster
+    favourites = [c[rng.permutation(len(c))[:min(3, len(c))]] for c in cycles]
+    cluster = rng.permutation(np.arange(users) % k)
+    min_len = max(2, seq_len // 2)
+    lengths = rng.integers(min_len, seq_len + 1, size=users)
+    active_cut = (min_len + seq_len) / 2
+    seqs, clicks, likes = [], [], []
+    for u in range(users):
+        cyc = cycles[cluster[u]]
+        start = int(rng.integers(len(cyc)))
+        n = int(lengths[u])
+        seq = cyc[(start + np.arange(n)) % len(cyc)].astype(np.int64)
+        flip = rng.random(n) < noise
+        seq[flip] = rng.integers(1, items + 1, size=int(flip.sum()))
+        seqs.append(left_pad(seq, seq_len))
+        m = int(rng.integers(1, 3))
+        clicks.append(cyc[(start + n + np.arange(m)) % len(cyc)].tolist())
+        fav = favourites[cluster[u]]
+        likes.append(sorted(fav[rng.permutation(len(fav))[:int(rng.integers(1, 3))]].tolist()))
+    sources = np.stack(seqs)
+    tasks = [Task("watch", sources, None, users), Task("click", sources, clicks, users),
+             Task("like", sources, likes, users)]
+    labels = {"age": cluster, "gender": cluster % 2, "lifestatus": (lengths > active_cut).astype(int)}
+    for n in range(4, num_tasks + 1):
+        name = SYNTHETIC_NAMES[n - 1] if n <= 6 else f"profile{n}"
+        lab = labels[name] if n <= 6 else (cluster + n) % 3
+        tasks.append(Task(name, sources, [[int(x)] for x in lab], users))
+    tasks = tasks[:num_tasks]
+    protocol = (
+        f"Synthetic data (seed {seed}): {users} users in {k} equal latent clusters; items 1..{items} "
+        f"are split at random into {k} cycles, one per cluster. Each user's sequence (length "
+        f"{min_len}..{seq_len}, left-padded to {seq_len}) walks their cluster's cycle from a random "
+        f"start, each item replaced by a uniformly random one with probability {noise}. Task 1 "
+        "(watch): the sequences. Click: the next 1-2 items of the cycle after the sequence. Like: 1-2 "
+        "of the cluster's 3 favourite items. Age: the cluster id; gender: cluster id mod 2; "
+        f"lifestatus: 1 if the sequence is longer than {active_cut:g} items, else 0; "
+        "profile<n> (n > 6): (cluster id + n) mod 3. Every later task uses the task-1 sequences as "
+        "sources.")
+    return tasks, protocol
+
+
+def make_synthetic(out_dir: str | Path, users: int = 200, items: int = 40, seq_len: int = 10,
+                   num_tasks: int = 6, seed: int = 0) -> Path:
+    """Write the synthetic dataset into `out_dir`; return the manifest path."""
+    tasks, protocol = synthetic_tasks(users, items, seq_len, num_tasks, seed)
+    return write_dataset(out_dir, "synthetic", protocol, tasks)
+
+
+# ------------------------------------------------------------------- MovieLens protocol (shared)
+
+@dataclass
+class UserSplit:
+    """One user's ratings in time order (ties by item id), cut into history (first 70%) and future."""
+    user: int
+    hist: np.ndarray
+    hist_ratings: np.ndarray
+    future: np.ndarray
+    future_ratings: np.ndarray
+
+
+HISTORY_FRACTION = (7, 10)  # the first floor(7n/10) ratings of a user are the history
+
+
+def split_users(user: np.ndarray, item: np.ndarray, rating: np.ndarray,
+                timestamp: np.ndarray) -> Iterator[UserSplit]:
+    """Yield each user's history/future split, users in increasing id order. Users whose history
+    would be empty (fewer than 2 ratings) are skipped."""
+    order = np.lexsort((item, timestamp, user))
+    u, i, r = user[order], np.asarray(item, dtype=np.int64)[order], rating[order]
+    bounds = np.flatnonzero(u[1:] != u[:-1]) + 1
+    starts = np.concatenate([[0], bounds]).astype(np.int64)
+    ends = np.concatenate([bounds, [len(u)]]).astype(np.int64)
+    num, den = HISTORY_FRACTION
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        h = (num * (e - s)) // den
+        if h < 1:
+            continue
+        yield UserSplit(int(u[s]), i[s:s + h], r[s:s + h], i[s + h:e], r[s + h:e])
+
+
+ProfileFn = Callable[[UserSplit], "int | None"]
+
+
+def movielens_tasks(user: np.ndarray, item: np.ndarray, rating: np.ndarray, timestamp: np.ndarray,
+                    profiles: list[tuple[str, ProfileFn]], *, window: int, src_len: int,
+                    targets: int, like_min: float, next_name: str = "next_watch") -> list[Task]:
+    """The MovieLens protocol as a pure function of the rating columns.
+
+    T1 `watch`: every user's history cut into non-overlapping windows of `window` (from the end;
+    only the oldest is left-padded). T2 `next_watch`: source = the last `src_len` history items
+    (left-padded), targets = the first `targets` future items. T3 `like`: same source, targets =
+    the first `targets` future items rated >= `like_min` (users without one are dropped). Then one
+    task per profile function (source as T2, one label; users where it gives None are dropped)."""
+    if len(user) == 0:
+        raise UserError("no ratings")
+    t1, srcs, nxt, like_src, like_tgt = [], [], [], [], []
+    prof_src: list[list[np.ndarray]] = [[] for _ in profiles]
+    prof_lab: list[list[list[int]]] = [[] for _ in profiles]
+    t1_users = 0
+    for sp in split_users(user, item, rating, timestamp):
+        t1.append(windows(sp.hist, window))
+        t1_users += 1
+        src = left_pad(sp.hist, src_len)
+        srcs.append(src)
+        nxt.append(sp.future[:targets].tolist())
+        liked = sp.future[sp.future_ratings >= like_min][:targets]
+        if len(liked):
+            like_src.append(src)
+            like_tgt.append(liked.tolist())
+        for p, (_, fn) in enumerate(profiles):
+            label = fn(sp)
+            if label is not None:
+                prof_src[p].append(src)
+                prof_lab[p].append([int(label)])
+    if not t1:
+        raise UserError("no user has at least 2 ratings")
+
+    def stack(rows: list[np.ndarray]) -> np.ndarray:
+        return np.stack(rows) if rows else np.zeros((0, src_len), dtype=np.int64)
+
+    tasks = [Task("watch", np.concatenate(t1), None, t1_users),
+             Task(next_name, stack(srcs), nxt, len(srcs)),
+             Task("like", stack(like_src), like_tgt, len(like_src))]
+    for p, (name, _) in enumerate(profiles):
+        tasks.append(Task(name, stack(prof_src[p]), prof_lab[p], len(prof_src[p])))
+    for t in tasks[1:]:
+        if not t.targets:
+            raise UserError(f"task {t.name}: no user qualifies, the data are too small")
+    return tasks
+
+
+def movielens_protocol_text(dataset: str, window: int, src_len: int, targets: int,
+                            like_rule: str, profile_text: str) -> str:
+    """The manifest's protocol paragraph for a MovieLens dataset."""
+    return (
+        f"{dataset}: each user's ratings are sorted by timestamp (ties by item id); the first "
+        f"floor(70%) are the history, the rest the future (users with fewer than 2 ratings are "
+        f"dropped). T1 watch: each history cut into non-overlapping windows of {window} items, "
+        f"counted from the most recent, so only the oldest window is shorter and left-padded with 0 "
+        f"(no line repeats another's items). T2 next_watch: source = the last {src_len} history items "
+        f"(left-padded with 0), targets = the first {targets} future movies. T3 like: same source, "
+        f"targets = the first {targets} future movies {like_rule} (users without one dropped). "
+        f"{profile_text} Raw MovieLens item ids are kept; every source item is in the T1 file.")
+
+
+# ---------------------------------------------------------------------------------- ml-100k
+
+RECBOLE_VERSION = "1.2.1"
+RECBOLE_WHEEL = f"recbole-{RECBOLE_VERSION}-py3-none-any.whl"
+RECBOLE_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+ML100K_MEMBERS = {
+    "inter": ("recbole/dataset_example/ml-100k/ml-100k.inter",
+              "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"),
+    "user": ("recbole/dataset_example/ml-100k/ml-100k.user",
+             "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972"),
+}
+# MovieLens-1M age buckets: <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+ -> class ids 0..6
+AGE_EDGES = (18, 25, 35, 45, 50, 56)
+AGE_NAMES = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
+
+
+def age_bucket(age: int) -> int:
+    """MovieLens-1M age bucket of an age in years (class id 0..6)."""
+    return int(np.searchsorted(AGE_EDGES, age, side="right"))
+
+
+def fetch_recbole_wheel(cache: str | Path) -> Path:
+    """The RecBole wheel in `cache`, downloaded with pip when absent; sha256-checked."""
+    cache = Path(cache)
+    wheel = cache / RECBOLE_WHEEL
+    if not wheel.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        log.info("downloading recbole==%s (MovieLens-100K inside) into %s", RECBOLE_VERSION, cache)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", f"recbole=={RECBOLE_VERSION}", "-d", str(cache)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not wheel.is_file():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"could not download recbole=={RECBOLE_VERSION} with pip ({last}); "
+                            f"put {RECBOLE_WHEEL} into {cache} by hand or pass --cache")
+    else:
+        log.info("using cached %s", wheel)
+    digest = utils.sha256_file(wheel)
+    if digest != RECBOLE_SHA256:
+        raise UserError(f"{wheel}: sha256 {digest} is not the pinned {RECBOLE_SHA256} "
+                        "(corrupt or truncated download: delete it and run again)")
+    return wheel
+
+
+def read_zip_member(zip_path: Path, member: str, sha256: str | None = None) -> bytes:
+    """One member of a zip file, optionally sha256-checked; a broken zip is a UserError."""
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            data = z.read(member)
+    except KeyError:
+        raise UserError(f"{zip_path}: has no member {member}") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise UserError(f"{zip_path}: not a readable zip file ({e})") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{zip_path}: member {member} does not match its pinned sha256")
+    return data
+
+
+def parse_atomic(text: str, where: str, columns: Sequence[str]) -> list[list[str]]:
+    """RecBole atomic file (tab separated, header `name:type`): the requested columns per row."""
+    lines = text.splitlines()
+    if not lines:
+        raise UserError(f"{where}: empty file")
+    header = [h.split(":", 1)[0] for h in lines[0].split("\t")]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise UserError(f"{where}: header lacks column(s) {', '.join(missing)}")
+    idx = [header.index(c) for c in columns]
+    rows = []
+    for n, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != len(header):
+            raise UserError(f"{where}: line {n}: {len(parts)} fields, expected {len(header)}")
+        rows.append([parts[i] for i in idx])
+    return rows
+
+
+def ml100k_profiles(user_rows: Sequence[Sequence[str]],
+                    where: str = "ml-100k.user") -> list[tuple[str, ProfileFn]]:
+    """Age bucket, gender and occupation profile functions from (user_id, age, gender, occupation)
+    rows. Gender: F=0, M=1. Occupation: 'none' merged into 'other' (20 classes), ids by name."""
+    table: dict[int, tuple[int, str, str]] = {}
+    for n, (uid, age, gender, occ) in enumerate(user_rows, 2):
+        try:
+            table[int(uid)] = (int(age), gender, "other" if occ == "none" else occ)
+        except ValueError:
+            raise UserError(f"{where}: line {n}: user id and age must be integers") from None
+    genders = {"F": 0, "M": 1}
+    bad = sorted({g for _, g, _ in table.values()} - set(genders))
+    if bad:
+        raise UserError(f"{where}: unknown gender value(s) {bad} (expected F or M)")
+    occupations = {o: i for i, o in enumerate(sorted({o for _, _, o in table.values()}))}
+
+    def field(k: int, fn: Callable) -> ProfileFn:
+        return lambda sp: fn(table[sp.user][k]) if sp.user in table else None
+
+    return [("age", field(0, age_bucket)), ("gender", field(1, genders.__getitem__)),
+            ("occupation", field(2, occupations.__getitem__))]
+
+
+def ml100k_tasks(inter_rows: Sequence[Sequence[str]], user_rows: Sequence[Sequence[str]], *,
+                 window: int = 20, src_len: int = 50, targets: int = 5,
+                 where: str = "ml-100k.inter") -> list[Task]:
+    """The ML-100K protocol from (user_id, item_id, rating, timestamp) and (user_id, age, gender,
+    occupation) string rows: the same pure function for tests and for the real data."""
+    try:
+        arr = np.array([[float(x) for x in r] for r in inter_rows], dtype=np.float64).reshape(-1, 4)
+    except ValueError:
+        raise UserError(f"{where}: a user_id, item_id, rating or timestamp is not a number") from None
+    ids = arr[:, :2]
+    if (ids != np.floor(ids)).any() or (ids[:, 1] < 1).any():
+        raise UserError(f"{where}: user and item ids must be integers, item ids >= 1")
+    return movielens_tasks(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2],
+                           arr[:, 3], ml100k_profiles(user_rows), window=window, src_len=src_len,
+                           targets=targets, like_min=5)
+
+
+def ml100k_protocol(window: int, src_len: int, targets: int) -> str:
+    return movielens_protocol_text(
+        f"MovieLens-100K (RecBole {RECBOLE_VERSION} copy)", window, src_len, targets, "rated 5",
+        "T4 age: MovieLens-1M age buckets <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+ (class ids "
+        "0..6). T5 gender: F=0, M=1. T6 occupation: the 21 ML-100K occupations with 'none' merged "
+        "into 'other' (20 classes, ids in name order). Profile sources are the T2 sources.")
+
+
+def prepare_ml100k(out_dir: str | Path, cache: str | Path, window: int = 20, src_len: int = 50,
+                   targets: int = 5) -> Path:
+    """Fetch (or reuse) the RecBole wheel, derive the ML-100K tasks, write them; manifest path."""
+    wheel = fetch_recbole_wheel(cache)
+    texts = {}
+    for key, (member, digest) in ML100K_MEMBERS.items():
+        texts[key] = read_zip_member(wheel, member, digest).decode("utf-8")
+    inter = parse_atomic(texts["inter"], f"{wheel}!{ML100K_MEMBERS['inter'][0]}",
+                         ["user_id", "item_id", "rating", "timestamp"])
+    users = parse_atomic(texts["user"], f"{wheel}!{ML100K_MEMBERS['user'][0]}",
+                         ["user_id", "age", "gender", "occupation"])
+    tasks = ml100k_tasks(inter, users, window=window, src_len=src_len, targets=targets)
+    return write_dataset(out_dir, "ml-100k", ml100k_protocol(window, src_len, targets), tasks)
+
+
+# ----------------------------------------------------------------------------------- ml-25m
+
+ML25M_RATING_COLUMNS = ("userId", "movieId", "rating", "timestamp")
+RATINGS_DTYPE = np.dtype([("user", np.int32), ("item", np.int32), ("rating", np.float32),
+                          ("ts", np.int64)])  # 20 bytes a rating: 25M ratings in 0.5 GB
+CHUNK_LINES = 1 << 20
+NO_GENRE = "(no genres listed)"
+EARLIEST_DECADE = 1920  # decades before the 1920s are merged into the 1920s class
+
+
+class _Source:
+    """`ratings.csv` and `movies.csv` from a folder or from a zip (e.g. the official ml-25m.zip)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.zip: zipfile.ZipFile | None = None
+        if self.path.is_dir():
+            return
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: --source not found (give ml-25m.zip or a folder with "
+                            "ratings.csv and movies.csv)")
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise UserError(f"{self.path}: not a readable zip file ({e})") from None
+
+    def name(self, base: str) -> str:
+        """Where a member is, for messages and for opening."""
+        if self.zip is None:
+            f = self.path / base
+            if not f.is_file():
+                raise UserError(f"{f}: not found")
+            return str(f)
+        hits = sorted(n for n in self.zip.namelist() if n == base or n.endswith("/" + base))
+        if not hits:
+            raise UserError(f"{self.path}: the zip holds no {base}")
+        return min(hits, key=len)
+
+    def open(self, base: str) -> tuple[io.TextIOBase, str]:
+        member = self.name(base)
+        if self.zip is None:
+            return open(member, encoding="utf-8", newline=""), member
+        try:
+            raw = self.zip.open(member)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            raise UserError(f"{self.path}: the zip is corrupt or truncated ({e})") from None
+        return io.TextIOWrapper(raw, encoding="utf-8", newline=""), f"{self.path}!{member}"
+
+    def close(self) -> None:
+        if self.zip is not None:
+            self.zip.close()
+
+
+_BROKEN = (zipfile.BadZipFile, zlib.error, EOFError)
+
+
+def read_ratings(src: _Source) -> np.ndarray:
+    """ratings.csv as a structured array (user, item, rating, ts), read in chunks of lines."""
+    f, where = src.open("ratings.csv")
+    chunks = []
+    try:
+        with f:
+            header = f.readline().strip().split(",")
+            if tuple(h.strip() for h in header) != ML25M_RATING_COLUMNS:
+                raise UserError(f"{where}: line 1: header must be {','.join(ML25M_RATING_COLUMNS)}")
+            first = 2
+            while True:
+                lines = list(itertools.islice(f, CHUNK_LINES))
+                if not lines:
+                    break
+                try:
+                    chunks.append(np.loadtxt(lines, delimiter=",", dtype=RATINGS_DTYPE, ndmin=1))
+                except ValueError:
+                    raise UserError(_bad_rating_line(lines, first, where)) from None
+                first += len(lines)
+    except _BROKEN as e:
+        raise UserError(f"{where}: the zip is corrupt or truncated ({e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: not UTF-8 text") from None
+    data = np.concatenate(chunks) if chunks else np.zeros(0, dtype=RATINGS_DTYPE)
+    if len(data) == 0:
+        raise UserError(f"{where}: no ratings")
+    if (data["item"] < 1).any():
+        raise UserError(f"{where}: movieId must be >= 1 (0 is the padding id)")
+    return data
+
+
+def _bad_rating_line(lines: list[str], first: int, where: str) -> str:
+    """The message for the first line of a chunk that does not parse."""
+    for n, line in enumerate(lines, first):
+        if not line.strip():
+            continue
+        try:
+            np.loadtxt([line], delimiter=",", dtype=RATINGS_DTYPE, ndmin=1)
+        except ValueError:
+            text = line.strip()[:80]
+            return (f"{where}: line {n}: expected userId,movieId,rating,timestamp "
+                    f"(integers, a number, an integer), got {text!r}")
+    return f"{where}: lines {first}..{first + len(lines) - 1}: malformed"
+
+
+def read_movies(src: _Source) -> tuple[dict[int, list[str]], dict[int, int]]:
+    """movies.csv: genres per movieId (without '(no genres listed)') and release year (when the
+    title ends with '(YYYY)')."""
+    f, where = src.open("movies.csv")
+    genres: dict[int, list[str]] = {}
+    years: dict[int, int] = {}
+    year_re = re.compile(r"\((\d{4})\)\s*$")
+    try:
+        with f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if header is None or [h.strip() for h in header] != ["movieId", "title", "genres"]:
+                raise UserError(f"{where}: line 1: header must be movieId,title,genres")
+            for n, row in enumerate(rows, 2):
+                if not row:
+                    continue
+                if len(row) != 3:
+                    raise UserError(f"{where}: line {n}: {len(row)} fields, expected 3")
+                try:
+                    movie = int(row[0])
+                except ValueError:
+                    raise UserError(f"{where}: line {n}: movieId {row[0]!r} is not an integer") \
+                        from None
+                genres[movie] = [g for g in row[2].split("|") if g and g != NO_GENRE]
+                m = year_re.search(row[1])
+                if m:
+                    years[movie] = int(m.group(1))
+    except _BROKEN as e:
+        raise UserError(f"{where}: the zip is corrupt or truncated ({e})") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{where}: unreadable ({e})") from None
+    return genres, years
+
+
+def ml25m_profiles(genres: dict[int, list[str]], years: dict[int, int],
+                   max_item: int) -> tuple[list[tuple[str, ProfileFn]], list[str], list[int]]:
+    """Favourite future genre, history mean-rating band, favourite future decade. Returns the
+    profile functions, the genre names (class id = position) and the decades (class id = position)."""
+    names = sorted({g for gs in genres.values() for g in gs})
+    if len(names) > 20:
+        raise UserError(f"movies.csv: {len(names)} genres; the genre task allows at most 20 classes")
+    gid = {g: i for i, g in enumerate(names)}
+    size = max(max_item, max(genres, default=0), max(years, default=0)) + 1
+    gmask = np.zeros((size, max(len(names), 1)), dtype=np.int32)
+    for movie, gs in genres.items():
+        if movie >= 0:
+            for g in gs:
+                gmask[movie, gid[g]] = 1
+    decades = np.full(size, -1, dtype=np.int64)
+    for movie, y in years.items():
+        if movie >= 0:
+            decades[movie] = max(y // 10 * 10, EARLIEST_DECADE)
+    decade_list = sorted(int(d) for d in np.unique(decades[decades >= 0]))
+    decade_id = {d: i for i, d in enumerate(decade_list)}
+    if len(decade_list) > 20:
+        raise UserError(f"movies.csv: release years span {len(decade_list)} decades (max 20)")
+
+    def genre(sp: UserSplit) -> int | None:
+        counts = gmask[sp.future].sum(axis=0)
+        return int(np.argmax(counts)) if counts.max() > 0 else None  # ties: first name
+
+    def band(sp: UserSplit) -> int:
+        return int(np.clip(np.floor(float(np.mean(sp.hist_ratings)) - 0.5), 0, 4))
+
+    def decade(sp: UserSplit) -> int | None:
+        d = decades[sp.future]
+        d = d[d >= 0]
+        if len(d) == 0:
+            return None
+        vals, counts = np.unique(d, return_counts=True)
+        return decade_id[int(vals[np.argmax(counts)])]  # ties: earliest decade
+
+    return [("genre", genre), ("rating_band", band), ("decade", decade)], names, decade_list
+
+
+def ml25m_tasks(ratings: np.ndarray, genres: dict[int, list[str]], years: dict[int, int], *,
+                window: int = 20, src_len: int = 50, targets: int = 5) -> tuple[list[Task], str]:
+    """The ML-25M protocol on a structured ratings array; returns the tasks and protocol text."""
+    profiles, names, decades = ml25m_profiles(genres, years, int(ratings["item"].max()))
+    tasks = movielens_tasks(ratings["user"], ratings["item"], ratings["rating"], ratings["ts"],
+                            profiles, window=window, src_len=src_len, targets=targets,
+                            like_min=4.5)
+    text = movielens_protocol_text(
+        "MovieLens-25M (our protocol; the authors never published theirs)", window, src_len,
+        targets, "rated >= 4.5",
+        "T4 genre: the most frequent genre among the user's future movies (movies.csv, "
+        f"'{NO_GENRE}' ignored, ties by name; class id = position in the sorted genre list "
+        f"{names}; users whose future movies have no genre dropped). T5 rating_band: the mean "
+        "rating of the history in 5 bands [0.5,1.5), [1.5,2.5), [2.5,3.5), [3.5,4.5), [4.5,5] "
+        "(class ids 0..4). T6 decade: the most frequent release decade (year at the end of the "
+        f"title) among the future movies, ties by the earlier decade, before {EARLIEST_DECADE} "
+        f"merged into {EARLIEST_DECADE}s; class id = position in {decades}. Profile sources are "
+        "the T2 sources.")
+    return tasks, text
+
+
+def prepare_ml25m(out_dir: str | Path, source: str | Path, window: int = 20, src_len: int = 50,
+                  targets: int = 5) -> Path:
+    """Read MovieLens-25M (zip or folder), derive the tasks, write them; manifest path."""
+    src = _Source(source)
+    try:
+        log.info("reading %s", source)
+        genres, years = read_movies(src)
+        ratings = read_ratings(src)
+    finally:
+        src.close()
+    log.info("%d ratings, %d movies in movies.csv", len(ratings), len(genres))
+    tasks, text = ml25m_tasks(ratings, genres, years, window=window, src_len=src_len,
+                              targets=targets)
+    del ratings
+    return write_dataset(out_dir, "ml-25m", text, tasks)
+
+
+# -------------------------------------------------------------------------------------- ttl
+
+TTL_FILES = [("pretrain", "original_desen_pretrain.csv"),
+             ("click", "original_desen_finetune_click_nouserID.csv"),
+             ("like", "original_desen_finetune_like_nouserID.csv"),
+             ("age", "original_desen_age.csv"),
+             ("gender", "original_desen_gender.csv"),
+             ("lifestatus", "original_desen_lifestatus.csv")]
+TTL_PROTOCOL = (
+    "Tencent TTL as published by the CONURE authors, used unchanged: T1 pretrain (behaviour "
+    "sequences), T2 click and T3 like (items clicked/liked, ranking), T4 age, T5 gender, "
+    "T6 lifestatus (profile classes). The manifest points at the original files.")
+
+
+def prepare_ttl(out_dir: str | Path, source: str | Path) -> Path:
+    """Validate the six CONURE Tencent files, log statistics, write the manifest (no copies)."""
+    source = Path(source)
+    if not source.is_dir():
+        raise UserError(f"{source}: --source must be the folder holding the six TTL files")
+    missing = [f for _, f in TTL_FILES if not (source / f).is_file()]
+    if missing:
+        raise UserError(f"{source}: missing TTL file(s): {', '.join(missing)}")
+    read_sequence_file, read_task_file = _readers()
+    out_dir = Path(out_dir)
+    entries, stats = [], []
+    t1_items = None
+    for n, (name, fname) in enumerate(TTL_FILES, 1):
+        path = (source / fname).resolve()
+        log.info("validating %s", path)
+        if n == 1:
+            seqs = read_sequence_file(path)
+            st = task_stats(seqs, None, first=True)
+            t1_items = np.unique(seqs)
+            del seqs
+        else:
+            src, tgt, _ = read_task_file(path)
+            unknown = ~np.isin(src, t1_items)
+            if unknown.any():
+                line = int(np.flatnonzero(unknown.any(axis=1))[0]) + 1
+                item = int(src[unknown][0])
+                raise UserError(f"{path}: line {line}: item {item} does not occur in {TTL_FILES[0][1]}")
+            st = task_stats(src, tgt, first=False)
+            del src, tgt
+        metric = utils.metric_kind(st["classes"])
+        stats.append({"task": n, "name": name, "users": None, "metric": metric, **st})
+        entries.append({"task": n, "name": name, "file": str(path), "num_classes": st["classes"],
+                        "metric": metric})
+    return write_manifest(out_dir, "ttl", TTL_PROTOCOL, entries, stats)
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Write a dataset's TERACON task files, tasks.json manifest and stats.md.")
+    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{ml-100k,ml-25m,ttl,synthetic}")
+
+    def common(p: argparse.ArgumentParser, name: str) -> None:
+        p.add_argument("--out", default=None,
+                       help=f"output folder (default Data/{name})")
+
+    def movielens(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--window", type=_positive, default=20,
+                       help="T1 window length: histories are cut into non-overlapping windows of "
+                            "this many items (default 20)")
+        p.add_argument("--src_len", type=_positive, default=50,
+                       help="source length of T2..T6: the last this many history items (default 50)")
+        p.add_argument("--targets", type=_positive, default=5,
+                       help="at most this many future movies as next_watch / like targets "
+                            "(default 5)")
+
+    p = sub.add_parser("ml-100k", help="MovieLens-100K from RecBole's PyPI wheel (downloaded once)")
+    common(p, "ml-100k")
+    movielens(p)
+    p.add_argument("--cache", default="Data/.cache",
+                   help="folder for the downloaded recbole wheel (default Data/.cache)")
+
+    p = sub.add_parser("ml-25m", help="MovieLens-25M from ml-25m.zip or its unpacked folder")
+    common(p, "ml-25m")
+    movielens(p)
+    p.add_argument("--source", required=True,
+                   help="ml-25m.zip, or a folder with ratings.csv and movies.csv")
+
+    p = sub.add_parser("ttl", help="validate the six CONURE Tencent (TTL) files, write a manifest")
+    common(p, "ttl")
+    p.add_argument("--source", required=True, help="folder holding the six original_desen_*.csv files")
+
+    p = sub.add_parser("synthetic", help="small generated data with learnable signal (for tests)")
+    common(p, "synthetic")
+    p.add_argument("--users", type=_positive, default=200, help="number of users (default 200)")
+    p.add_argument("--items", type=_positive, default=40, help="number of items (default 40)")
+    p.add_argument("--seq_len", type=_positive, default=10, help="sequence length (default 10)")
+    p.add_argument("--tasks", type=_positive, default=6, help="number of tasks, >= 2 (default 6)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Parse the command line and prepare the chosen dataset; returns the manifest path."""
+    args = build_parser().parse_args(argv)
+    out = Path(args.out) if args.out else Path("Data") / args.dataset
+    try:
+        return _prepare(args, out)
+    except OSError as e:  # unwritable --out, disk full, unreadable input, ...
+        where = e.filename or out
+        raise UserError(f"{where}: {e.strerror or e}") from None
+
+
+def _prepare(args: argparse.Namespace, out: Path) -> Path:
+    if args.dataset == "ml-100k":
+        return prepare_ml100k(out, args.cache, args.window, args.src_len, args.targets)
+    if args.dataset == "ml-25m":
+        return prepare_ml25m(out, args.source, args.window, args.src_len, args.targets)
+    if args.dataset == "ttl":
+        return prepare_ttl(out, args.source)
+    return make_synthetic(out, args.users, args.items, args.seq_len, args.tasks, args.seed)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
