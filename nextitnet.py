@@ -19,25 +19,39 @@ EMB_CLAMP = 6.0         # |e_t| <= 6 after every step
 
 
 class CausalConv1d(nn.Conv1d):
-    """Dilated causal convolution on [B, L, C]: left zero-padding (k-1)*d, one GEMM over taps."""
+    """Dilated causal convolution on [B, L, C]: left zero-padding (k-1)*d, one GEMM over taps.
+
+    `owner` (CONURE only) records which task owns each weight (0 = free); serving task t
+    then uses the free weights and those of tasks <= t.
+    """
+    owner: torch.Tensor | None
+    serving: int
+
+    def __init__(self, *args, owned: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("owner", torch.zeros(self.weight.shape, dtype=torch.int16) if owned else None)
+        self.serving = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, d = self.kernel_size[0], self.dilation[0]
         length = x.shape[1]
         xp = F.pad(x, (0, 0, (k - 1) * d, 0))
         taps = torch.cat([xp[:, j * d: j * d + length] for j in range(k)], dim=-1)  # [B, L, kC]
-        weight = self.weight.permute(0, 2, 1).reshape(self.out_channels, -1)       # [C, kC]
+        weight = self.weight
+        if self.owner is not None:
+            weight = weight * (self.owner <= self.serving)
+        weight = weight.permute(0, 2, 1).reshape(self.out_channels, -1)             # [C, kC]
         return F.linear(taps, weight, self.bias)
 
 
 class ResidualBlock(nn.Module):
     """conv(d) -> LN -> ReLU -> * m1 -> conv(2d) -> LN -> ReLU -> * m2, plus the input (SPEC 3)."""
 
-    def __init__(self, channels: int, kernel: int, dilation: int):
+    def __init__(self, channels: int, kernel: int, dilation: int, owned: bool = False):
         super().__init__()
-        self.conv1 = CausalConv1d(channels, channels, kernel, dilation=dilation)
+        self.conv1 = CausalConv1d(channels, channels, kernel, dilation=dilation, owned=owned)
         self.ln1 = nn.LayerNorm(channels, eps=1e-8)
-        self.conv2 = CausalConv1d(channels, channels, kernel, dilation=2 * dilation)
+        self.conv2 = CausalConv1d(channels, channels, kernel, dilation=2 * dilation, owned=owned)
         self.ln2 = nn.LayerNorm(channels, eps=1e-8)
 
     def forward(self, x: torch.Tensor, mask1: torch.Tensor, mask2: torch.Tensor) -> torch.Tensor:
@@ -113,17 +127,24 @@ def init_head(head: nn.Linear) -> nn.Linear:
 
 
 class NextItNet(nn.Module):
-    """Item embedding, dilated residual blocks, task masks and one linear head per task."""
+    """Item embedding, dilated residual blocks, task masks and one linear head per task.
+
+    `relation=False` uses plain masks for every task (HAT, the teracon-norel ablation);
+    `masked=False` uses no masks (all ones: fine-tuning, SinMo, CONURE); `owned=True`
+    tracks CONURE's per-task ownership of the convolution weights.
+    """
 
     def __init__(self, num_items: int, head_sizes: list[int], channels: int = CHANNELS,
-                 dilations: tuple[int, ...] = DILATIONS, kernel: int = KERNEL, relation: bool = True):
+                 dilations: tuple[int, ...] = DILATIONS, kernel: int = KERNEL, relation: bool = True,
+                 masked: bool = True, owned: bool = False):
         super().__init__()
         self.num_items, self.channels = num_items, channels
-        self.dilations, self.kernel, self.relation = tuple(dilations), kernel, relation
+        self.dilations, self.kernel = tuple(dilations), kernel
+        self.relation, self.masked, self.owned = relation, masked, owned
         self.item_embedding = nn.Embedding(num_items, channels)
         bound = math.sqrt(1.0 / num_items)
         nn.init.uniform_(self.item_embedding.weight, -bound, bound)
-        self.blocks = nn.ModuleList(ResidualBlock(channels, kernel, d) for d in self.dilations)
+        self.blocks = nn.ModuleList(ResidualBlock(channels, kernel, d, owned) for d in self.dilations)
         self.task_masks = TaskMasks(len(head_sizes), 2 * len(self.dilations), channels)
         self.heads = nn.ModuleList(init_head(nn.Linear(channels, k)) for k in head_sizes)
 
@@ -135,7 +156,7 @@ class NextItNet(nn.Module):
     def config(self) -> dict:
         return {"num_items": self.num_items, "head_sizes": [h.out_features for h in self.heads],
                 "channels": self.channels, "dilations": list(self.dilations), "kernel": self.kernel,
-                "relation": self.relation}
+                "relation": self.relation, "masked": self.masked, "owned": self.owned}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "NextItNet":
@@ -156,8 +177,18 @@ class NextItNet(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------
     def masks(self, s: float) -> torch.Tensor:
-        """Every task's masks [T, M, C] at annealing scale s."""
+        """Every task's masks [T, M, C] at annealing scale s (all ones for an unmasked model)."""
+        if not self.masked:
+            return torch.ones_like(self.task_masks.task_embedding)
         return self.task_masks(s, self.relation)
+
+    def convs(self) -> list[CausalConv1d]:
+        return [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
+
+    def serve(self, task: int) -> None:
+        """CONURE: use the weights of tasks <= `task` (1-based) and the free ones."""
+        for conv in self.convs():
+            conv.serving = task
 
     def encode(self, seq: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, L, C] of item sequences [B, L] under per-row masks [B or 1, M, C]."""
@@ -168,5 +199,6 @@ class NextItNet(nn.Module):
 
     def forward(self, seq: torch.Tensor, task: int, s: float) -> torch.Tensor:
         """Logits of task `task` (0-based) from the last position of `seq`."""
+        self.serve(task + 1)
         masks = self.masks(s)[task].unsqueeze(0)
         return self.heads[task](self.encode(seq, masks)[:, -1])

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data_loader as dl
+from baselines import METHODS, HAT, Conure, mask_penalty, model_options
 from nextitnet import NextItNet
 from utils import (UserError, atomic_torch_save, atomic_write_json, library_versions, load_checkpoint,
                    metric_sums, rank_of_target, resolve_device, set_seed, sha256_file)
@@ -116,10 +117,13 @@ def autocast(device: torch.device, amp: str):
 
 @torch.no_grad()
 def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, device: torch.device,
-             batch_size: int = 1024, amp: str = "fp32") -> dict[str, float]:
-    """Every example of the split once, in order, at s = smax (SPEC 2, 6)."""
+             batch_size: int = 1024, amp: str = "fp32", head: int | None = None) -> dict[str, float]:
+    """Every example of the split once, in order, at s = smax (SPEC 2, 6), through the model's
+    head `head` (default: the task's own, task n -> head n-1)."""
+    was_training = model.training
     model.eval()
-    task = data.task - 1
+    task = data.task - 1 if head is None else head
+    model.serve(data.task)
     masks = model.masks(smax)[task].unsqueeze(0)
     idx = data.splits[split]
     sums: dict[str, float] = {}
@@ -131,7 +135,7 @@ def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, devic
             logits = model.heads[task](model.encode(src, masks)[:, -1])
         for k, v in metric_sums(rank_of_target(logits.float(), tgt), data.kind).items():
             sums[k] = sums.get(k, 0.0) + v
-    model.train()
+    model.train(was_training)
     return {k: v / max(len(idx), 1) for k, v in sums.items()}
 
 
@@ -147,26 +151,36 @@ class Task1Step:
         masks = self.model.masks(s)
         hidden = self.model.encode(src[:, :-1], masks)
         loss = next_item_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.heads[0], src[:, 1:].reshape(-1))
-        return loss + self.mask_reg * masks.mean()
+        if self.mask_reg and self.model.masked:
+            loss = loss + self.mask_reg * mask_penalty(masks)
+        return loss
 
 
 class TaskNStep:
-    """New-task cross-entropy plus alpha * knowledge retention from the frozen teacher (Sec. 4.3)."""
+    """New-task cross-entropy plus alpha * knowledge retention from the frozen teacher (Sec. 4.3).
 
-    def __init__(self, model: NextItNet, teacher: NextItNet, alpha: float, rng: np.random.Generator):
-        self.model, self.teacher, self.alpha, self.rng = model, teacher, alpha, rng
-        self.rho = np.full(teacher.num_tasks, RHO_INIT)
+    With `teacher=None` (the baselines) it is the new task's cross-entropy alone, plus an
+    optional `penalty(masks)` (HAT's regulariser).
+    """
+
+    def __init__(self, model: NextItNet, teacher: NextItNet | None, alpha: float, rng: np.random.Generator,
+                 penalty=None):
+        self.model, self.teacher, self.alpha, self.rng, self.penalty = model, teacher, alpha, rng, penalty
+        self.rho = np.full(teacher.num_tasks if teacher else 0, RHO_INIT)
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
+        masks = self.model.masks(s)
+        if self.teacher is None:
+            hidden = self.model.encode(src, masks[-1:])[:, -1]
+            loss = F.cross_entropy(self.model.heads[-1](hidden), tgt)
+            return loss + self.penalty(masks) if self.penalty else loss
         subsets = sample_subsets(self.rho, len(src), self.rng)
         with torch.no_grad():
             teacher_masks = self.teacher.masks(s)
             teacher_logits, _ = past_task_logits(self.teacher, teacher_masks, src, subsets)
-        masks = self.model.masks(s)
         student_logits, hidden = past_task_logits(self.model, masks, src, subsets, extra=src)
         loss = F.cross_entropy(self.model.heads[-1](hidden), tgt)
-        if self.alpha:
-            loss = loss + self.alpha * knowledge_retention_loss(student_logits, teacher_logits, self.rho)
+        loss = loss + self.alpha * knowledge_retention_loss(student_logits, teacher_logits, self.rho)
         self.rho = update_rho(teacher_masks, masks[-1])  # used by the next batch
         return loss
 
@@ -174,53 +188,58 @@ class TaskNStep:
 # ------------------------------------------------------------------------- the loop
 
 def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, device: torch.device,
-          save) -> dict:
+          save, adjust_gradients=None, epochs: int | None = None, summary: dict | None = None,
+          phase: str = "train") -> dict:
     """Epochs with annealed s, early stopping on validation hit@1 (SPEC 6); `save(summary)`
-    writes the checkpoint at the first epoch and at every improvement."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0.0)
-    rng = np.random.default_rng(args.seed)
+    writes the checkpoint at the first epoch and at every improvement. `adjust_gradients(s)`
+    edits the gradients before each step (HAT, CONURE); a second `phase` (CONURE's retraining)
+    continues `summary`."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    rng = np.random.default_rng([args.seed, len(summary["epochs"]) if summary else 0])
     train_idx = data.splits["train"]
     batches_per_epoch = len(train_idx) / args.batch
-    summary = {"epochs": [], "best_epoch": None, "valid": None, "test": None, "finished": False}
+    head = model.num_tasks - 1
+    summary = summary or {"epochs": [], "best_epoch": None, "valid": None, "test": None, "finished": False}
     best, bad_epochs, skipped = -math.inf, 0, 0
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(len(summary["epochs"]) + 1, len(summary["epochs"]) + 1 + (epochs or args.epochs)):
         start, total, count = time.time(), 0.0, 0
         model.train()
         bar = tqdm(dl.batches(train_idx, args.batch, rng), total=math.ceil(batches_per_epoch),
                    desc=f"task {data.task} epoch {epoch}", leave=False, disable=args.quiet)
         for b, batch in enumerate(bar):
             src, tgt = data.batch(batch, device)
+            s = anneal_s(b, batches_per_epoch, args.smax)
             with autocast(device, args.amp):
-                loss = step.loss(src, tgt, anneal_s(b, batches_per_epoch, args.smax))
+                loss = step.loss(src, tgt, s)
             optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()
+                if adjust_gradients:
+                    adjust_gradients(s)
                 optimizer.step()
                 total, count = total + loss.item(), count + 1
             else:
                 skipped += 1
             model.task_masks.clamp_()
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-        valid = evaluate(model, data, "valid", args.smax, device, args.eval_batch, args.amp)
-        record = {"epoch": epoch, "train_loss": total / max(count, 1), "valid": valid,
+        valid = evaluate(model, data, "valid", args.smax, device, args.eval_batch, args.amp, head)
+        record = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), "valid": valid,
                   "seconds": round(time.time() - start, 2), "skipped_steps": skipped}
         summary["epochs"].append(record)
         improved = valid["hit@1"] > best
         if improved:
             best, bad_epochs = valid["hit@1"], 0
             summary.update(best_epoch=epoch, valid=valid,
-                           test=evaluate(model, data, "test", args.smax, device, args.eval_batch, args.amp))
+                           test=evaluate(model, data, "test", args.smax, device, args.eval_batch, args.amp, head))
             save(summary)
         else:
             bad_epochs += 1
-        log.info("task %d epoch %d  loss %.4f  valid %s  %s%.1fs", data.task, epoch, record["train_loss"],
+        log.info("task %d %s epoch %d  loss %.4f  valid %s  %s%.1fs", data.task, phase, epoch, record["train_loss"],
                  _fmt(valid), "* " if improved else "", record["seconds"])
         save(summary, checkpoint=False)
         if bad_epochs >= args.patience:
             log.info("task %d: no improvement for %d epochs, stopping", data.task, args.patience)
             break
-    summary["finished"] = True
-    save(summary, checkpoint=False)
     return summary
 
 
@@ -264,6 +283,13 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
                    "'source': all targets of one source line in one split (default %(default)s)")
     p.add_argument("--name", help="task name recorded in the checkpoint (default from the manifest or file)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--method", choices=sorted(METHODS), default="teracon", help="teracon, its ablations "
+                   "teracon-nokr (alpha 0) and teracon-norel (plain masks), or a baseline on the same backbone: "
+                   "fineall, sinmo, hat, conure; later tasks must use the method of task 1 (default %(default)s)")
+    p.add_argument("--prune_ratio", type=float, default=0.7, help="conure: share of a task's free conv "
+                   "weights pruned after it (default %(default)s)")
+    p.add_argument("--retrain_epochs", type=int, default=10, help="conure: maximum epochs of retraining "
+                   "after pruning (default %(default)s)")
     p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast for training "
                    "and evaluation (CUDA, and CPUs with AMX); default %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -279,11 +305,15 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
             setattr(args, flag, value)
     if task < 1:
         raise UserError(f"--task {task}: tasks are numbered from 1")
-    for flag in ("epochs", "batch", "eval_batch", "patience"):
+    for flag in ("epochs", "batch", "eval_batch", "patience", "retrain_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if not (args.lr > 0 and args.smax > 0 and args.alpha >= 0 and args.mask_reg >= 0):
         raise UserError("--lr and --smax must be positive, --alpha and --mask_reg non-negative")
+    if not 0 <= args.prune_ratio < 1:
+        raise UserError(f"--prune_ratio {args.prune_ratio}: must be in [0, 1)")
+    if args.method == "teracon-nokr":
+        args.alpha = 0.0
     if first and args.paths:
         raise UserError("--paths: task 1 starts from scratch and takes no previous checkpoint")
     folder, prefix = Path("Data/Session"), Path("saved_models")
@@ -308,65 +338,99 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
     return args
 
 
+def load_previous(args: argparse.Namespace, task: int) -> tuple[dict, np.ndarray]:
+    """The task n-1 checkpoint and the item index, checked against each other and the method."""
+    prev = load_checkpoint(args.paths)
+    if len(prev["tasks"]) != task - 1:
+        raise UserError(f"{args.paths}: checkpoint knows {len(prev['tasks'])} task(s); "
+                        f"task {task} needs the checkpoint of task {task - 1}")
+    if prev.get("method", "teracon") != args.method:
+        raise UserError(f"{args.paths}: made by --method {prev.get('method')}, not {args.method}")
+    items = dl.load_item_index(args.datapath_index)
+    if dl.index_checksum(items) != prev["item_index"]["checksum"]:
+        raise UserError(f"{args.datapath_index}: item index differs from the one {args.paths} was "
+                        "trained with (retrain task 1 or pass the right --datapath_index)")
+    return prev, items
+
+
 def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     args = build_parser(task).parse_args(argv)
     args = resolve_args(args, task or args.task)
     device = resolve_device(args.device)
     set_seed(args.seed)
-    task = args.task
+    task, method = args.task, args.method
     ckpt_out, summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
 
+    prev, teacher, extras = None, None, {}
     if task == 1:
         data, items = dl.load_task1(args.datapath, args.seed, split_by=args.split_by)
-        model = NextItNet(len(items) + 1, [data.num_classes])
-        history, teacher = [], None
     else:
-        prev = load_checkpoint(args.paths)
-        if len(prev["tasks"]) != task - 1:
-            raise UserError(f"{args.paths}: checkpoint knows {len(prev['tasks'])} task(s); "
-                            f"task {task} needs the checkpoint of task {task - 1}")
-        items = dl.load_item_index(args.datapath_index)
-        if dl.index_checksum(items) != prev["item_index"]["checksum"]:
-            raise UserError(f"{args.datapath_index}: item index differs from the one {args.paths} was "
-                            "trained with (retrain task 1 or pass the right --datapath_index)")
+        prev, items = load_previous(args, task)
         data = dl.load_task(task, args.datapath, items, args.seed, args.split_by, args.name)
-        teacher = NextItNet.from_checkpoint(prev).to(device).eval().requires_grad_(False)
-        model = NextItNet.from_checkpoint(prev)
-        model.add_task(data.num_classes)
-        history = prev["tasks"]
-    model.to(device)
-    data.name = args.name
-
     n = {k: len(v) for k, v in data.splits.items()}
-    log.info("task %d (%s): %s, %d classes (%s), split train/valid/test %d/%d/%d, device %s",
-             task, data.name, data.path, data.num_classes, data.kind, n["train"], n["valid"], n["test"], device)
     if n["valid"] == 0 or n["test"] == 0:
         raise UserError(f"{data.path}: {sum(n.values())} examples are too few for a 80/5/15 split "
                         "(need at least 7)")
+    data.name = args.name
+
+    if task == 1 or method == "sinmo":  # SinMo: a fresh model for every task
+        model = NextItNet(len(items) + 1, [data.num_classes], **model_options(method))
+        if prev is not None:
+            extras["members"] = prev.get("members", []) + [{"config": prev["config"], "state_dict": prev["state_dict"]}]
+    else:
+        if METHODS[method]["retention"] and args.alpha > 0:
+            teacher = NextItNet.from_checkpoint(prev).to(device).eval().requires_grad_(False)
+        model = NextItNet.from_checkpoint(prev)
+        model.add_task(data.num_classes)
+    model.to(device)
+
+    adjust, hat, conure = None, None, None
+    if method == "hat":
+        cumulative = prev["hat_cumulative"].to(device) if prev is not None else None
+        hat = HAT(model, cumulative, args.smax, args.mask_reg)
+        adjust = hat.adjust_gradients
+    elif method == "conure":
+        conure = Conure(model, task, args.prune_ratio)
+        adjust = conure.adjust_gradients
+    if task == 1:
+        step = Task1Step(model, args.mask_reg)
+    else:
+        step = TaskNStep(model, teacher, args.alpha, np.random.default_rng([args.seed, 1]),
+                         penalty=hat.penalty if hat else None)
+    log.info("task %d (%s), method %s: %s, %d classes (%s), split train/valid/test %d/%d/%d, device %s",
+             task, data.name, method, data.path, data.num_classes, data.kind, n["train"], n["valid"], n["test"],
+             device)
     if task == 1:
         dl.save_item_index(args.datapath_index, items, args.datapath)
-
-    step = Task1Step(model, args.mask_reg) if task == 1 else \
-        TaskNStep(model, teacher, args.alpha, np.random.default_rng([args.seed, 1]))
-    run_args = {k: v for k, v in vars(args).items()}
+    run_args = dict(vars(args))
     task_entry = {"task": task, "name": data.name, "file": data.path, "file_sha256": sha256_file(data.path),
                   "num_classes": data.num_classes, "metric": data.kind, "seed": args.seed,
                   "split_by": args.split_by, "split_sizes": n}
+    history = prev["tasks"] if prev else []
 
     def save(summary: dict, checkpoint: bool = True) -> None:
         entry = dict(task_entry, best_epoch=summary["best_epoch"], test=summary["test"])
         if checkpoint:
+            if hat:
+                extras["hat_cumulative"] = hat.updated_cumulative()
             atomic_torch_save(ckpt_out, {
-                "format": "teracon/1", "method": "teracon", "config": model.config(),
+                "format": "teracon/1", "method": method, "config": model.config(),
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "tasks": history + [entry], "item_index": {"checksum": dl.index_checksum(items),
                                                           "num_items": len(items) + 1},
-                "args": run_args, "versions": library_versions()})
-        atomic_write_json(summary_out, {"task": entry, "args": run_args, "checkpoint": str(ckpt_out),
-                                        "versions": library_versions(), **summary})
+                "args": run_args, "versions": library_versions(), **extras})
+        atomic_write_json(summary_out, {"task": entry, "method": method, "args": run_args,
+                                        "checkpoint": str(ckpt_out), "versions": library_versions(), **summary})
 
     start = time.time()
-    summary = train(model, step, data, args, device, save)
+    summary = train(model, step, data, args, device, save, adjust)
+    if conure:  # prune the best model, then retrain the weights it keeps
+        model.load_state_dict(load_checkpoint(ckpt_out)["state_dict"])
+        conure.prune()
+        summary = train(model, step, data, args, device, save, adjust, epochs=args.retrain_epochs,
+                        summary=summary, phase="retrain")
+    summary["finished"] = True
+    save(summary, checkpoint=False)
     log.info("task %d done in %.1fs: best epoch %s, test %s -> %s", task, time.time() - start,
              summary["best_epoch"], _fmt(summary["test"]), ckpt_out)
     return summary

@@ -1,0 +1,85 @@
+"""Evaluate every task a checkpoint knows with the final model (relation-aware masks, s = smax).
+
+This is the paper's "past tasks after the last task" view (the authors' inference_past_tasks.py):
+
+    python evaluate.py --paths saved_models/task6.pt
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+import data_loader as dl
+from nextitnet import NextItNet
+from teracon import evaluate
+from utils import UserError, atomic_write_json, load_checkpoint, resolve_device, run_cli, sha256_file
+
+log = logging.getLogger("teracon")
+
+
+def load_task_data(entry: dict, items: np.ndarray | None) -> tuple[dl.TaskData, np.ndarray]:
+    """Re-read a task's file exactly as its training run did (same seed and split)."""
+    path = entry["file"]
+    if not Path(path).is_file():
+        raise UserError(f"{path}: task {entry['task']} data file not found (run from the training folder)")
+    if sha256_file(path) != entry["file_sha256"]:
+        raise UserError(f"{path}: file changed since task {entry['task']} was trained (sha256 differs)")
+    if entry["task"] == 1:
+        return dl.load_task1(path, entry["seed"], split_by=entry["split_by"])
+    return dl.load_task(entry["task"], path, items, entry["seed"], entry["split_by"], entry["name"]), items
+
+
+def evaluate_checkpoint(path: str | Path, device_name: str = "auto", split: str = "test",
+                        batch_size: int = 1024) -> list[dict]:
+    """One row per task: its name, metric kind, metrics now and right after it was trained."""
+    ckpt = load_checkpoint(path)
+    device = resolve_device(device_name)
+    smax = float(ckpt["args"]["smax"])
+    if ckpt.get("method") == "sinmo":  # one model per task, each with its task's head only
+        models = [(NextItNet.from_checkpoint(m).to(device), 0) for m in ckpt.get("members", []) + [ckpt]]
+    else:
+        model = NextItNet.from_checkpoint(ckpt).to(device)
+        models = [(model, i) for i in range(len(ckpt["tasks"]))]
+    rows, items = [], None
+    for entry, (model, head) in zip(ckpt["tasks"], models):
+        data, items = load_task_data(entry, items)
+        if entry["task"] == 1 and dl.index_checksum(items) != ckpt["item_index"]["checksum"]:
+            raise UserError(f"{entry['file']}: its item index differs from the checkpoint's")
+        if data.num_classes != entry["num_classes"]:
+            raise UserError(f"{entry['file']}: {data.num_classes} classes, checkpoint has {entry['num_classes']}")
+        metrics = evaluate(model, data, split, smax, device, batch_size, head=head)
+        rows.append({"task": entry["task"], "name": entry["name"], "metric": entry["metric"],
+                     "method": ckpt.get("method", "teracon"),
+                     "now": metrics, "after_training": entry.get("test")})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    keys = ("hit@1", "mrr@5", "hr@5", "ndcg@5", "mrr@20", "hr@20", "ndcg@20", "accuracy")
+    lines = [f"{'task':<5}{'name':<14}" + "".join(f"{k:>9}" for k in keys)]
+    for r in rows:
+        cells = "".join(f"{r['now'][k]:>9.4f}" if k in r["now"] else f"{'-':>9}" for k in keys)
+        lines.append(f"{r['task']:<5}{r['name'][:13]:<14}{cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--paths", default="saved_models/task6.pt", help="checkpoint to evaluate (default %(default)s)")
+    p.add_argument("--split", choices=("test", "valid"), default="test", help="split to evaluate (default %(default)s)")
+    p.add_argument("--eval_batch", type=int, default=1024, help="evaluation batch size (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    rows = evaluate_checkpoint(args.paths, args.device, args.split, args.eval_batch)
+    print(format_rows(rows))
+    if args.json:
+        atomic_write_json(args.json, {"checkpoint": args.paths, "split": args.split, "rows": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)
