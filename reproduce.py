@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import data_loader as dl
+from baselines import METHODS
 from evaluate import evaluate_checkpoint
 from utils import UserError, atomic_write_json, atomic_write_text, read_json, run_cli
 
@@ -48,10 +49,10 @@ def stage_done(prefix: Path) -> bool:
         return False
 
 
-def run_stage(task: int, manifest: dict, prefix: Path, seed: int, flags: dict, device: str) -> None:
+def run_stage(task: int, manifest: dict, prefix: Path, seed: int, method: str, flags: dict, device: str) -> None:
     script = [str(HERE / "train_task1.py")] if task == 1 else [str(HERE / "train_teracon.py"), "--task", str(task)]
     cmd = [sys.executable, *script, "--dataset", manifest["path"], "--savepath", str(prefix),
-           "--seed", str(seed), "--device", device]
+           "--seed", str(seed), "--method", method, "--device", device]
     if task > 1:
         cmd += ["--paths", str(prefix.parent / f"task{task - 1}.pt")]
     for k, v in flags.items():
@@ -62,32 +63,35 @@ def run_stage(task: int, manifest: dict, prefix: Path, seed: int, flags: dict, d
                         "finished stages are kept")
 
 
-def run_seed(manifest: dict, out: Path, seed: int, preset: dict, args: argparse.Namespace) -> dict:
-    """Train every task for one seed (skipping finished stages) and evaluate the final model."""
-    folder = out / f"seed{seed}"
+def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, args: argparse.Namespace) -> dict:
+    """Train every task for one method and seed (skipping finished stages), evaluate the final model."""
+    folder = out / method / f"seed{seed}"
     tasks = sorted(int(t["task"]) for t in manifest["tasks"])
     rerun = args.force
     for i, task in enumerate(tasks):
         prefix = folder / f"task{task}"
         name = dl.manifest_task(manifest, task)["name"]
         if not rerun and stage_done(prefix):
-            log.info("[seed %d] stage %d/%d: task %d (%s) already done, skipped", seed, i + 1, len(tasks), task, name)
+            log.info("[%s seed %d] stage %d/%d: task %d (%s) already done, skipped", method, seed, i + 1,
+                     len(tasks), task, name)
             continue
         rerun = True  # every later stage depends on this one
-        log.info("[seed %d] stage %d/%d: task %d (%s)", seed, i + 1, len(tasks), task, name)
+        log.info("[%s seed %d] stage %d/%d: task %d (%s)", method, seed, i + 1, len(tasks), task, name)
         flags = dict(preset["task1" if task == 1 else "taskn"])
         if args.max_epochs:
             flags["epochs"] = min(flags["epochs"], args.max_epochs)
+            if method == "conure":
+                flags["retrain_epochs"] = args.max_epochs
         start = time.time()
-        run_stage(task, manifest, prefix, seed, flags, args.device)
+        run_stage(task, manifest, prefix, seed, method, flags, args.device)
         s = read_json(prefix.with_suffix(".json"))
-        log.info("[seed %d] task %d (%s) finished in %.0fs: best epoch %s, test %s", seed, task, name,
+        log.info("[%s seed %d] task %d (%s) finished in %.0fs: best epoch %s, test %s", method, seed, task, name,
                  time.time() - start, s["best_epoch"],
                  " ".join(f"{k} {v:.4f}" for k, v in s["test"].items() if k in sum(REPORTED.values(), ())))
     final = folder / "final.json"
     if rerun or not final.is_file():
         rows = evaluate_checkpoint(folder / f"task{tasks[-1]}.pt", args.device)
-        atomic_write_json(final, {"seed": seed, "rows": rows})
+        atomic_write_json(final, {"method": method, "seed": seed, "rows": rows})
     return read_json(final)
 
 
@@ -95,7 +99,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def build_table(per_seed: dict[int, dict], method: str = "teracon") -> list[dict]:
+def build_table(per_seed: dict[int, dict], method: str) -> list[dict]:
     """One row per task and reported metric: after training that task, after the last task."""
     seeds = sorted(per_seed)
     rows = []
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dataset", default="ml-100k", help="prepared dataset name or a tasks.json path "
                    "(default %(default)s, prepared on the fly)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default %(default)s)")
+    p.add_argument("--methods", nargs="+", default=["teracon"], choices=sorted(METHODS), metavar="METHOD",
+                   help=f"methods, one row group each: {', '.join(sorted(METHODS))} (default %(default)s)")
     p.add_argument("--preset", choices=sorted(PRESETS) + ["paper"], help="hyperparameters "
                    "(default: the dataset's own preset if it has one, else the paper's)")
     p.add_argument("--max_epochs", type=int, help="cap every task's epochs (quick looks and tests)")
@@ -162,9 +168,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = manifest.get("dataset") or Path(manifest["dir"]).name
     preset = PAPER if args.preset == "paper" else PRESETS.get(args.preset or name, PAPER)
     out = Path(args.out) / name
-    per_seed = {seed: run_seed(manifest, out, seed, preset, args) for seed in args.seeds}
-    rows = build_table(per_seed)
-    title = f"TERACON on {name}, seeds {' '.join(map(str, args.seeds))}"
+    rows = []
+    for method in args.methods:
+        per_seed = {seed: run_seed(manifest, out, method, seed, preset, args) for seed in args.seeds}
+        rows += build_table(per_seed, method)
+    title = f"{', '.join(args.methods)} on {name}, seeds {' '.join(map(str, args.seeds))}"
     atomic_write_text(out / "table.md", format_markdown(rows, title))
     atomic_write_text(out / "table.csv", format_csv(rows, args.seeds))
     print(format_markdown(rows, title))

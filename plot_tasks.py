@@ -1,0 +1,119 @@
+"""The paper's pictures of a run: the task-relation heatmap and the forgetting view.
+
+    python plot_tasks.py --run results/ml-100k/teracon/seed0 --out results/ml-100k/teracon/seed0
+
+- `task_relation.png`: cosine similarity between the tasks' learned masks (relation-aware,
+  s = smax) in the run's last checkpoint, averaged over the masked layers (paper Fig. 4).
+- `forgetting.png`: each task's main metric (MRR@5 for ranking, accuracy for classification)
+  after every later task, from the run's checkpoints task1.pt, task2.pt, ...
+
+The numbers are also written as CSV. Needs matplotlib for the PNGs (`pip install matplotlib`).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evaluate import evaluate_checkpoint
+from nextitnet import NextItNet
+from utils import UserError, atomic_write_text, load_checkpoint, run_cli
+
+log = logging.getLogger("teracon")
+MAIN_METRIC = {"ranking": "mrr@5", "accuracy": "accuracy"}
+
+
+@torch.no_grad()
+def task_relation(ckpt: dict) -> np.ndarray:
+    """[T, T] cosine similarity of the tasks' masks at s = smax, averaged over masked layers."""
+    model = NextItNet.from_checkpoint(ckpt)
+    masks = model.masks(float(ckpt["args"]["smax"]))                      # [T, M, C]
+    cos = F.cosine_similarity(masks[:, None], masks[None, :], dim=-1)      # [T, T, M]
+    return cos.mean(dim=-1).numpy()
+
+
+def run_checkpoints(run: Path) -> list[Path]:
+    """task1.pt, task2.pt, ... of one run folder, in task order."""
+    found = sorted((int(m.group(1)), p) for p in run.glob("task*.pt") if (m := re.fullmatch(r"task(\d+)\.pt", p.name)))
+    if not found:
+        raise UserError(f"{run}: no task<N>.pt checkpoints in this folder")
+    return [p for _, p in found]
+
+
+def forgetting(checkpoints: list[Path], device: str = "auto") -> tuple[list[str], np.ndarray]:
+    """Task names and [checkpoints, tasks] main metric; NaN where a task is not learned yet."""
+    rows = [evaluate_checkpoint(p, device) for p in checkpoints]
+    names = [r["name"] for r in rows[-1]]
+    table = np.full((len(rows), len(names)), np.nan)
+    for i, row in enumerate(rows):
+        for j, r in enumerate(row):
+            table[i, j] = r["now"][MAIN_METRIC[r["metric"]]]
+    return names, table
+
+
+def matrix_csv(labels_rows: list[str], labels_cols: list[str], values: np.ndarray) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([""] + labels_cols)
+    for label, row in zip(labels_rows, values):
+        w.writerow([label] + ["" if np.isnan(v) else f"{v:.6f}" for v in row])
+    return buf.getvalue()
+
+
+def draw(values: np.ndarray, rows: list[str], cols: list[str], title: str, path: Path, cmap: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("matplotlib is not installed: `pip install matplotlib` (the CSV files were written)") from None
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.5, 0.8 * len(rows) + 1.8))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for (i, j), v in np.ndenumerate(values):
+        if not np.isnan(v):
+            dark = image.norm(v) < 0.5
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="a run folder holding task1.pt, task2.pt, ... (from reproduce.py)")
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    out = Path(args.out or run)
+    checkpoints = run_checkpoints(run)
+    last = load_checkpoint(checkpoints[-1])
+    names = [t["name"] for t in last["tasks"]]
+
+    relation = task_relation(last)
+    atomic_write_text(out / "task_relation.csv", matrix_csv(names, names, relation))
+    _, table = forgetting(checkpoints, args.device)
+    after = [f"after {c.stem}" for c in checkpoints]
+    atomic_write_text(out / "forgetting.csv", matrix_csv(after, names, table))
+    draw(relation, names, names, f"task relation ({last.get('method', 'teracon')}): mask cosine", out / "task_relation.png", "viridis")
+    draw(table, after, names, "each task's metric after every later task", out / "forgetting.png", "magma")
+    log.info("wrote %s", ", ".join(str(out / f) for f in ("task_relation.png", "forgetting.png",
+                                                           "task_relation.csv", "forgetting.csv")))
+
+
+if __name__ == "__main__":
+    run_cli(main)
