@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import data_loader as dl
 from baselines import METHODS, HAT, Conure, mask_penalty, model_options
-from nextitnet import NextItNet
+from nextitnet import CHANNELS, DILATIONS, NextItNet
 from utils import (UserError, atomic_torch_save, atomic_write_json, library_versions, load_checkpoint,
                    metric_sums, rank_of_target, resolve_device, set_seed, sha256_file)
 
@@ -286,6 +286,11 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=sorted(METHODS), default="teracon", help="teracon, its ablations "
                    "teracon-nokr (alpha 0) and teracon-norel (plain masks), or a baseline on the same backbone: "
                    "fineall, sinmo, hat, conure; later tasks must use the method of task 1 (default %(default)s)")
+    p.add_argument("--channels", type=int, default=CHANNELS, help="task 1 only: hidden size C; later tasks "
+                   "take the checkpoint's (default %(default)s)")
+    p.add_argument("--dilations", type=int, nargs="+", default=list(DILATIONS), help="task 1 only: one "
+                   "residual block per dilation d (convs d and 2d); later tasks take the checkpoint's "
+                   "(default %(default)s)")
     p.add_argument("--prune_ratio", type=float, default=0.7, help="conure: share of a task's free conv "
                    "weights pruned after it (default %(default)s)")
     p.add_argument("--retrain_epochs", type=int, default=10, help="conure: maximum epochs of retraining "
@@ -310,6 +315,8 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if not (args.lr > 0 and args.smax > 0 and args.alpha >= 0 and args.mask_reg >= 0):
         raise UserError("--lr and --smax must be positive, --alpha and --mask_reg non-negative")
+    if args.channels < 1 or min(args.dilations) < 1:
+        raise UserError("--channels and --dilations must be positive")
     if not 0 <= args.prune_ratio < 1:
         raise UserError(f"--prune_ratio {args.prune_ratio}: must be in [0, 1)")
     if args.method == "teracon-nokr":
@@ -374,7 +381,9 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     data.name = args.name
 
     if task == 1 or method == "sinmo":  # SinMo: a fresh model for every task
-        model = NextItNet(len(items) + 1, [data.num_classes], **model_options(method))
+        config = prev["config"] if prev else {"channels": args.channels, "dilations": tuple(args.dilations)}
+        model = NextItNet(len(items) + 1, [data.num_classes], channels=config["channels"],
+                          dilations=tuple(config["dilations"]), **model_options(method))
         if prev is not None:
             extras["members"] = prev.get("members", []) + [{"config": prev["config"], "state_dict": prev["state_dict"]}]
     else:
