@@ -41,41 +41,51 @@ def mask_penalty(mask: torch.Tensor, cumulative: torch.Tensor | None = None) -> 
 
 
 class HAT:
-    """Past tasks' cumulative masks a_<t [M, C] block the gradients of the weights they use.
+    """Past tasks' cumulative masks a_<t [M, C] block the weights they use (Serra et al. eq. 6-7).
 
-    A conv weight (out o, in i) is blocked by min(a_out[o], a_in[i]); the first conv of a block
-    reads the unmasked residual stream (a_in = 1), so the item embedding, which writes that
-    stream, is frozen after task 1, like the past tasks' heads.
+    A conv weight (out o, in i) is gated by 1 - min(a_out[o], a_in[i]); the first conv of a
+    block reads the unmasked residual stream (a_in = 1), so the item embedding, which writes
+    that stream, is frozen after task 1, like the past tasks' heads. HAT scales gradients for
+    SGD; with Adam, which normalises them, we scale each parameter's *update* by its gate.
     """
     THRES_COSH = 50.0
 
     def __init__(self, model: NextItNet, cumulative: torch.Tensor | None, smax: float, mask_reg: float):
         self.model, self.smax, self.mask_reg = model, smax, mask_reg
         self.cumulative = cumulative
+        self.gates: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        if cumulative is not None:
+            a = cumulative
+            model.item_embedding.weight.requires_grad_(False)
+            for head in model.heads[:-1]:
+                head.requires_grad_(False)
+            for b, block in enumerate(model.blocks):
+                free1, free2 = 1.0 - a[2 * b], 1.0 - a[2 * b + 1]
+                self.gates += [(block.conv1.weight, free1[:, None, None]),
+                               (block.conv2.weight, (1.0 - torch.minimum(a[2 * b + 1][:, None], a[2 * b][None, :]))[..., None])]
+                self.gates += [(p, free1) for p in (block.conv1.bias, block.ln1.weight, block.ln1.bias)]
+                self.gates += [(p, free2) for p in (block.conv2.bias, block.ln2.weight, block.ln2.bias)]
+        self._before: list[torch.Tensor] = []
 
     def penalty(self, masks: torch.Tensor) -> torch.Tensor:
         return self.mask_reg * mask_penalty(masks[-1], self.cumulative)
 
     @torch.no_grad()
-    def adjust_gradients(self, s: float) -> None:
-        model, t = self.model, self.model.num_tasks - 1
-        if self.cumulative is not None:
-            a = self.cumulative
-            model.item_embedding.weight.grad = None
-            for head in model.heads[:-1]:
-                head.weight.grad = head.bias.grad = None
-            for b, block in enumerate(model.blocks):
-                free1, free2 = 1.0 - a[2 * b], 1.0 - a[2 * b + 1]
-                block.conv1.weight.grad *= free1[:, None, None]
-                block.conv2.weight.grad *= (1.0 - torch.minimum(a[2 * b + 1][:, None], a[2 * b][None, :]))[..., None]
-                for p, free in ((block.conv1.bias, free1), (block.ln1.weight, free1), (block.ln1.bias, free1),
-                                (block.conv2.bias, free2), (block.ln2.weight, free2), (block.ln2.bias, free2)):
-                    p.grad *= free
+    def before_step(self, s: float) -> None:
+        for p, gate in self.gates:
+            p.grad *= gate
+        self._before = [p.detach().clone() for p, _ in self.gates]
         # Compensate the sigmoid's flat gradient at small s (HAT's embedding-gradient compensation).
-        e = model.task_masks.task_embedding
+        t = self.model.num_tasks - 1
+        e = self.model.task_masks.task_embedding
         num = torch.cosh(torch.clamp(s * e[t], -self.THRES_COSH, self.THRES_COSH)) + 1
         den = torch.cosh(e[t]) + 1
         e.grad[t] *= self.smax / s * num / den
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for (p, gate), old in zip(self.gates, self._before):
+            p.copy_(old + gate * (p - old))
 
     @torch.no_grad()
     def updated_cumulative(self) -> torch.Tensor:
@@ -102,10 +112,15 @@ class Conure:
         model.serve(task)
 
     @torch.no_grad()
-    def adjust_gradients(self, s: float) -> None:
+    def before_step(self, s: float) -> None:
+        """Only the free weights train (then, after pruning, only this task's): Adam leaves a
+        weight whose gradient was always exactly zero where it is."""
         trainable = 0 if self.phase == "train" else self.task
         for conv in self.model.convs():
             conv.weight.grad *= conv.owner == trainable
+
+    def after_step(self) -> None:
+        pass
 
     @torch.no_grad()
     def prune(self) -> None:

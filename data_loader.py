@@ -19,7 +19,7 @@ import torch
 from utils import UserError, atomic_write_json, metric_kind, read_json, sha256_file
 
 DATA_ROOT = Path("Data")
-_INT_ROW = re.compile(r"\d+(,\d+)*")
+_INT_ROW = re.compile(r"\d{1,18}(,\d{1,18})*")  # ids fit in int64
 
 
 # ------------------------------------------------------------------------------- reading
@@ -50,8 +50,8 @@ def _parse_rows(rows: list[str], path: Path, what: str, line_no: list[int] | Non
     for i, row in enumerate(rows):
         if not _INT_ROW.fullmatch(row):
             n = line_no[i] if line_no else i + 1
-            bad = next((t for t in row.split(",") if not t.isdigit()), row)
-            problem = "is empty" if row == "" else f"has token {bad!r}, not a non-negative integer"
+            bad = next((t for t in row.split(",") if not (t.isdigit() and len(t) <= 18)), row)
+            problem = "is empty" if row == "" else f"has token {bad!r}, not a non-negative integer below 10**18"
             raise UserError(f"{path}: line {n}: {what} {problem}")
     lengths = np.fromiter((r.count(",") + 1 for r in rows), dtype=np.int64, count=len(rows))
     if (lengths != lengths[0]).any():

@@ -82,7 +82,7 @@ def past_task_logits(model: NextItNet, masks: torch.Tensor, src: torch.Tensor,
     if extra is not None:
         task_of_row = torch.cat([task_of_row, torch.full((len(extra),), model.num_tasks - 1, device=device)])
         seqs = torch.cat([seqs, extra])
-    hidden = model.encode(seqs, masks[task_of_row])
+    hidden = model.encode(seqs, masks.index_select(0, task_of_row))  # deterministic backward
     logits, start = [], 0
     for i, r in enumerate(rows):
         pos = -2 if i == 0 else -1
@@ -188,12 +188,12 @@ class TaskNStep:
 # ------------------------------------------------------------------------- the loop
 
 def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, device: torch.device,
-          save, adjust_gradients=None, epochs: int | None = None, summary: dict | None = None,
+          save, hooks=None, epochs: int | None = None, summary: dict | None = None,
           phase: str = "train") -> dict:
     """Epochs with annealed s, early stopping on validation hit@1 (SPEC 6); `save(summary)`
-    writes the checkpoint at the first epoch and at every improvement. `adjust_gradients(s)`
-    edits the gradients before each step (HAT, CONURE); a second `phase` (CONURE's retraining)
-    continues `summary`."""
+    writes the checkpoint at the first epoch and at every improvement. `hooks.before_step(s)`
+    and `hooks.after_step()` surround each optimiser step (HAT, CONURE); a second `phase`
+    (CONURE's retraining) continues `summary`."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng([args.seed, len(summary["epochs"]) if summary else 0])
     train_idx = data.splits["train"]
@@ -214,9 +214,11 @@ def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, d
             optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()
-                if adjust_gradients:
-                    adjust_gradients(s)
+                if hooks:
+                    hooks.before_step(s)
                 optimizer.step()
+                if hooks:
+                    hooks.after_step()
                 total, count = total + loss.item(), count + 1
             else:
                 skipped += 1
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     n = {k: len(v) for k, v in data.splits.items()}
     if n["valid"] == 0 or n["test"] == 0:
         raise UserError(f"{data.path}: {sum(n.values())} examples are too few for a 80/5/15 split "
-                        "(need at least 7)")
+                        "(need at least 10)")
     data.name = args.name
 
     if task == 1 or method == "sinmo":  # SinMo: a fresh model for every task
@@ -393,14 +395,13 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
         model.add_task(data.num_classes)
     model.to(device)
 
-    adjust, hat, conure = None, None, None
+    hat, conure = None, None
     if method == "hat":
         cumulative = prev["hat_cumulative"].to(device) if prev is not None else None
         hat = HAT(model, cumulative, args.smax, args.mask_reg)
-        adjust = hat.adjust_gradients
     elif method == "conure":
         conure = Conure(model, task, args.prune_ratio)
-        adjust = conure.adjust_gradients
+    hooks = hat or conure
     if task == 1:
         step = Task1Step(model, args.mask_reg)
     else:
@@ -432,11 +433,11 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
                                         "checkpoint": str(ckpt_out), "versions": library_versions(), **summary})
 
     start = time.time()
-    summary = train(model, step, data, args, device, save, adjust)
+    summary = train(model, step, data, args, device, save, hooks)
     if conure:  # prune the best model, then retrain the weights it keeps
         model.load_state_dict(load_checkpoint(ckpt_out)["state_dict"])
         conure.prune()
-        summary = train(model, step, data, args, device, save, adjust, epochs=args.retrain_epochs,
+        summary = train(model, step, data, args, device, save, hooks, epochs=args.retrain_epochs,
                         summary=summary, phase="retrain")
     summary["finished"] = True
     save(summary, checkpoint=False)

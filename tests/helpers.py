@@ -1,0 +1,83 @@
+"""Shared helpers of the test suite: tiny synthetic task files and a script runner.
+
+The synthetic data have learnable structure: items follow a fixed cycle, so the next item,
+the click target and the class label are functions of the last item of the source.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+NUM_ITEMS = 30
+SEQ_LEN = 8
+
+
+def raw_item(k: int) -> int:
+    """Raw id of the k-th item: not contiguous and not starting at 1, to exercise the index."""
+    return 1000 + 13 * k
+
+
+def _sequence(rng: np.random.Generator, length: int, num_items: int) -> tuple[list[int], int]:
+    """A left-padded cycle walk; returns (raw ids, cycle position of the last item)."""
+    pad = int(rng.integers(0, 3))
+    start = int(rng.integers(0, num_items))
+    ks = [(start + j) % num_items for j in range(length - pad)]
+    return [0] * pad + [raw_item(k) for k in ks], ks[-1]
+
+
+def write_task1(path: Path, lines: int = 200, length: int = SEQ_LEN, num_items: int = NUM_ITEMS,
+                seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = [",".join(map(str, _sequence(rng, length, num_items)[0])) for _ in range(lines)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def write_task_ranking(path: Path, lines: int = 200, length: int = SEQ_LEN, num_items: int = NUM_ITEMS,
+                       seed: int = 1) -> Path:
+    """Task-n file whose targets are item ids (about 30 classes: ranking metrics); every
+    fourth line has two targets."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(lines):
+        seq, k = _sequence(rng, length, num_items)
+        targets = [raw_item((k + 1) % num_items)]
+        if i % 4 == 0:
+            targets.append(raw_item((k + 2) % num_items))
+        rows.append(",".join(map(str, seq)) + ",," + ",".join(map(str, targets)))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def write_task_classes(path: Path, lines: int = 200, length: int = SEQ_LEN, num_items: int = NUM_ITEMS,
+                       seed: int = 2) -> Path:
+    """Task-n file with 3 classes (raw labels 5, 7, 9): accuracy metric."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(lines):
+        seq, k = _sequence(rng, length, num_items)
+        rows.append(",".join(map(str, seq)) + ",," + str((5, 7, 9)[k % 3]))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def run_script(script: str, *args: str, cwd: Path | str | None = None, timeout: float = 300
+               ) -> tuple[int, str, str]:
+    """Run a repository script with this interpreter; returns (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (hidden temporary files included)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,0 +1,232 @@
+"""NextItNet backbone and TERACON task masks (SPEC 3-4)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers  # noqa: F401  (puts the repository root on sys.path)
+from nextitnet import CausalConv1d, NextItNet, TaskMasks
+
+N_ITEMS = 23
+
+
+def tiny_model(head_sizes=(N_ITEMS,), relation=True, seed=0) -> NextItNet:
+    torch.manual_seed(seed)
+    return NextItNet(N_ITEMS, list(head_sizes), channels=8, dilations=(1, 2), relation=relation)
+
+
+# ------------------------------------------------------------------------------ masks
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_relation_mask_matches_hand_computation_for_three_tasks():
+    """Relation-aware mask, T=3: E_t = [e_t; e_j; -e_j for j != t in increasing j],
+    h = tanh(s*E_t), a = w_t . h + b_t per channel, m = sigmoid(s*a) (s applied twice)."""
+    T, M, C, s = 3, 2, 4, 1.7
+    rng = np.random.default_rng(5)
+    emb = rng.uniform(-1.5, 1.5, size=(T, M, C))
+    w = rng.normal(0.0, 0.8, size=(T, M, 2 * T - 1))
+    b = rng.normal(0.0, 0.5, size=(T, M))
+    tm = TaskMasks(T, M, C).double()
+    with torch.no_grad():
+        tm.task_embedding.copy_(torch.from_numpy(emb))
+        tm.relation_weight.copy_(torch.from_numpy(w))
+        tm.relation_bias.copy_(torch.from_numpy(b))
+    got = tm(s, relation=True).detach().numpy()
+    assert got.shape == (T, M, C)
+
+    expected = np.zeros((T, M, C))
+    for t in range(T):
+        rows = [(t, 1.0)]
+        for j in range(T):
+            if j != t:
+                rows += [(j, 1.0), (j, -1.0)]
+        assert len(rows) == 2 * T - 1
+        for m in range(M):
+            for c in range(C):
+                a = b[t, m]
+                for k, (j, sign) in enumerate(rows):
+                    a += w[t, m, k] * math.tanh(s * sign * emb[j, m, c])
+                expected[t, m, c] = _sigmoid(s * a)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    # the relation path really differs from the plain one here (the test can tell them apart)
+    assert not np.allclose(got, 1.0 / (1.0 + np.exp(-s * emb)))
+
+
+def test_plain_mask_is_sigmoid_of_scaled_embedding():
+    """Plain mask m = sigmoid(s * e_t), for every task, layer and channel."""
+    tm = TaskMasks(2, 3, 5)
+    s = 2.5
+    expected = torch.sigmoid(s * tm.task_embedding.detach())
+    assert torch.allclose(tm.plain_mask(s), expected)
+    assert torch.allclose(tm(s, relation=False), expected)
+
+
+def test_one_task_model_uses_plain_masks_even_with_relation():
+    """A one-task model (task 1) always uses plain masks, whatever `relation` says."""
+    model = tiny_model(relation=True)
+    s = 3.0
+    expected = torch.sigmoid(s * model.task_masks.task_embedding.detach())
+    assert model.masks(s).shape == (1, 4, 8)
+    assert torch.allclose(model.masks(s), expected)
+
+
+def test_relation_false_model_uses_plain_masks_for_several_tasks():
+    """`relation=False` gives plain masks for T>1; `relation=True` does not."""
+    plain = tiny_model((N_ITEMS, 4, 3), relation=False)
+    s = 3.0
+    assert torch.allclose(plain.masks(s), torch.sigmoid(s * plain.task_masks.task_embedding.detach()))
+    rel = tiny_model((N_ITEMS, 4, 3), relation=True)
+    assert torch.allclose(rel.masks(s), rel.task_masks.relation_mask(s))
+    assert not torch.allclose(rel.masks(s), torch.sigmoid(s * rel.task_masks.task_embedding.detach()))
+
+
+def test_clamp_keeps_task_embeddings_in_range():
+    """clamp_ puts every task embedding in [-6, 6] and leaves values inside untouched."""
+    tm = TaskMasks(2, 2, 3)
+    values = torch.tensor([-100.0, -6.5, -6.0, -1.0, 0.0, 2.0, 5.99, 6.0, 6.01, 1e9, -1e9, 3.0])
+    with torch.no_grad():
+        tm.task_embedding.copy_(values.view(2, 2, 3))
+    tm.clamp_()
+    got = tm.task_embedding.detach().flatten()
+    assert torch.equal(got, values.clamp(-6.0, 6.0))
+    assert got.min() == -6.0 and got.max() == 6.0
+
+
+def test_initialisation_follows_spec():
+    """Task embeddings U(0, 2); relation w ~ N(0, 0.01), b = 0.1; heads N(0, 0.01), bias 0.1;
+    item embedding U(-sqrt(1/N), sqrt(1/N))."""
+    torch.manual_seed(0)
+    n = 500
+    model = NextItNet(n, [n, 300, 7], channels=64, dilations=(1, 4, 1, 4))
+    tm = model.task_masks
+    emb = tm.task_embedding.detach()
+    assert emb.shape == (3, 8, 64)
+    assert emb.min() >= 0.0 and emb.max() <= 2.0
+    assert emb.min() < 0.05 and emb.max() > 1.95 and abs(emb.mean().item() - 1.0) < 0.05
+    w = tm.relation_weight.detach()
+    assert w.shape == (3, 8, 5)
+    assert abs(w.std().item() - 0.01) < 0.0015 and abs(w.mean().item()) < 0.002
+    assert torch.all(tm.relation_bias == 0.1)
+    for head in model.heads:
+        assert torch.all(head.bias == 0.1)
+        assert abs(head.weight.std().item() - 0.01) < 0.001
+    bound = math.sqrt(1.0 / n)
+    item = model.item_embedding.weight.detach()
+    assert item.abs().max() <= bound
+    assert item.abs().max() > 0.95 * bound
+    assert [h.out_features for h in model.heads] == [n, 300, 7]
+
+
+# ------------------------------------------------------------------------------ convs
+
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_causal_conv_equals_left_padded_conv1d(dilation, kernel):
+    """CausalConv1d on [B, L, C] == F.conv1d on [B, C, L] left-padded with (k-1)*d zeros."""
+    torch.manual_seed(1)
+    conv = CausalConv1d(5, 6, kernel, dilation=dilation)
+    x = torch.randn(3, 11, 5)
+    got = conv(x)
+    ref = F.conv1d(F.pad(x.transpose(1, 2), ((kernel - 1) * dilation, 0)), conv.weight, conv.bias,
+                   dilation=dilation).transpose(1, 2)
+    assert got.shape == (3, 11, 6)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_is_causal():
+    """The hidden state at position p depends on items 0..p only (and does depend on item p)."""
+    model = tiny_model()
+    masks = model.masks(5.0)
+    torch.manual_seed(3)
+    seq = torch.randint(1, N_ITEMS, (4, 10))
+    base = model.encode(seq, masks).detach()
+    for p in range(seq.shape[1] - 1):
+        changed = seq.clone()
+        changed[:, p + 1:] = (changed[:, p + 1:] % (N_ITEMS - 1)) + 1  # a different item everywhere after p
+        assert not torch.equal(changed[:, p + 1:], seq[:, p + 1:])
+        out = model.encode(changed, masks).detach()
+        assert torch.allclose(out[:, :p + 1], base[:, :p + 1], atol=1e-6, rtol=0), f"position {p} sees the future"
+        assert not torch.allclose(out[:, p + 1:], base[:, p + 1:], atol=1e-4)
+    changed = seq.clone()
+    changed[:, 4] = (changed[:, 4] % (N_ITEMS - 1)) + 1
+    assert not torch.allclose(model.encode(changed, masks)[:, 4], base[:, 4], atol=1e-4)
+
+
+def test_forward_is_head_of_last_position():
+    """forward(seq, task, s) = heads[task](encode(seq, masks(s)[task])[:, -1])."""
+    model = tiny_model((N_ITEMS, 4, 3))
+    seq = torch.randint(0, N_ITEMS, (5, 7))
+    for task in range(3):
+        ref = model.heads[task](model.encode(seq, model.masks(2.0)[task:task + 1])[:, -1])
+        assert torch.allclose(model(seq, task, 2.0), ref)
+
+
+# ------------------------------------------------------------------------- growth, I/O
+
+def test_add_task_carries_weights_and_reinitialises_relation_mlps():
+    """add_task: every carried weight bit-identical, relation MLPs fresh with width 2T+1,
+    a new task embedding in [0, 2] and a new head of the requested size."""
+    model = tiny_model((N_ITEMS, 4))
+    with torch.no_grad():  # make the relation MLPs clearly not fresh
+        model.task_masks.relation_weight.fill_(0.7)
+        model.task_masks.relation_bias.fill_(-0.3)
+        model.task_masks.task_embedding.mul_(-2.0)  # outside U(0, 2): the copy is detectable
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.add_task(9)
+    after = model.state_dict()
+
+    assert model.num_tasks == 3
+    for k, v in before.items():
+        if k.startswith("task_masks."):
+            continue
+        assert torch.equal(after[k], v), k
+    emb = model.task_masks.task_embedding.detach()
+    assert emb.shape == (3, 4, 8)
+    assert torch.equal(emb[:2], before["task_masks.task_embedding"])
+    assert emb[2].min() >= 0.0 and emb[2].max() <= 2.0
+    w = model.task_masks.relation_weight.detach()
+    assert w.shape == (3, 4, 5)  # 2T+1 with the old T = 2
+    assert torch.all(w.abs() < 0.1) and w.std() > 0
+    assert torch.all(model.task_masks.relation_bias == 0.1)
+    assert model.task_masks.relation_bias.shape == (3, 4)
+    assert model.heads[2].out_features == 9 and model.heads[2].in_features == 8
+    assert torch.all(model.heads[2].bias == 0.1)
+    assert model.config()["head_sizes"] == [N_ITEMS, 4, 9]
+    # the grown model runs and every parameter is trainable
+    model.masks(3.0).sum().backward()
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.task_masks.task_embedding.grad is not None
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_checkpoint_round_trip_is_exact(grow):
+    """config() + state_dict through NextItNet.from_checkpoint gives the same model bit for bit."""
+    model = tiny_model((N_ITEMS, 4), relation=True)
+    if grow:
+        model.add_task(3)
+    ckpt = {"config": model.config(), "state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
+    torch.manual_seed(123)  # a different init underneath, overwritten by the state dict
+    loaded = NextItNet.from_checkpoint(ckpt)
+    assert loaded.config() == model.config()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    seq = torch.randint(0, N_ITEMS, (3, 6))
+    for task in range(model.num_tasks):
+        assert torch.equal(model(seq, task, 50.0), loaded(seq, task, 50.0))
+
+
+def test_round_trip_keeps_relation_flag():
+    """A relation=False model comes back as relation=False (plain masks for T>1)."""
+    model = tiny_model((N_ITEMS, 4), relation=False)
+    loaded = NextItNet.from_checkpoint({"config": model.config(), "state_dict": model.state_dict()})
+    assert loaded.relation is False
+    assert torch.equal(loaded.masks(4.0), model.masks(4.0))
