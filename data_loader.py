@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from utils import UserError, atomic_write_json, metric_kind, read_json, sha256_file
+from utils import UserError, atomic_write_json, metric_kind, read_json
 
 DATA_ROOT = Path("Data")
 _INT_ROW = re.compile(r"\d{1,18}(,\d{1,18})*")  # ids fit in int64

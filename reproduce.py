@@ -32,9 +32,12 @@ PAPER = {"task1": {"epochs": 10, "lr": 1e-3, "batch": 32},
          "taskn": {"epochs": 100, "lr": 1e-4, "batch": 1024, "smax": 50, "alpha": 0.7}}
 PRESETS = {
     "ttl": PAPER,
-    # ~1k users: batch 1024 would be one step per epoch. Chosen by measurement (README).
-    "ml-100k": {"task1": {"epochs": 10, "lr": 1e-3, "batch": 32},
-                "taskn": {"epochs": 30, "lr": 1e-3, "batch": 64, "smax": 50, "alpha": 0.7, "patience": 3}},
+    # ~1k users and 1.6k items: 64 channels instead of 256 (16x fewer conv FLOPs, so the whole
+    # sequence fits a laptop CPU) and the authors' task-2 lr 1e-3 for every task n >= 2. The
+    # batch stays 1024: knowledge retention labels floor(rho_i * B) rows per past task and rho
+    # settles near 1 - sigmoid(6) = 0.0025, so a batch below ~400 would retain nothing.
+    "ml-100k": {"task1": {"epochs": 10, "lr": 1e-3, "batch": 32, "channels": 64},
+                "taskn": {"epochs": 100, "lr": 1e-3, "batch": 1024, "smax": 50, "alpha": 0.7}},
 }
 REPORTED = {"ranking": ("mrr@5", "ndcg@5", "hr@5"), "accuracy": ("accuracy",)}
 

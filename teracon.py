@@ -6,7 +6,6 @@ One routine serves every task; `train_task1.py`, `train_teracon_t2.py` ... and
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import time
@@ -253,7 +252,6 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def build_parser(task: int | None) -> argparse.ArgumentParser:
     """Flags of the authors' scripts (SPEC 6 defaults); `task=None` adds --task."""
-    first = task == 1
     p = argparse.ArgumentParser(
         description=(f"Train TERACON task {task}." if task else "Train TERACON task N (N >= 1).")
         + " Without --dataset/--datapath, reads TTL's file for the task from Data/Session/.")
