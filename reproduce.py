@@ -32,12 +32,13 @@ PAPER = {"task1": {"epochs": 10, "lr": 1e-3, "batch": 32},
          "taskn": {"epochs": 100, "lr": 1e-4, "batch": 1024, "smax": 50, "alpha": 0.7}}
 PRESETS = {
     "ttl": PAPER,
-    # ~1k users and 1.6k items: 64 channels instead of 256 (16x fewer conv FLOPs, so the whole
-    # sequence fits a laptop CPU) and the authors' task-2 lr 1e-3 for every task n >= 2. The
-    # batch stays 1024: knowledge retention labels floor(rho_i * B) rows per past task and rho
-    # settles near 1 - sigmoid(6) = 0.0025, so a batch below ~400 would retain nothing.
-    "ml-100k": {"task1": {"epochs": 10, "lr": 1e-3, "batch": 32, "channels": 64},
-                "taskn": {"epochs": 100, "lr": 1e-3, "batch": 1024, "smax": 50, "alpha": 0.7}},
+    # ~1k users and 1.6k items: 128 channels instead of 256 (4x fewer conv FLOPs, so the whole
+    # sequence fits a laptop CPU in ~15 min), the authors' task-2 lr 1e-3 for every task n >= 2,
+    # patience 10 (validation splits of 47-236 examples make hit@1 noisy). The batch stays 1024:
+    # knowledge retention labels floor(rho_i * B) rows per past task and rho settles near
+    # 1 - sigmoid(6) = 0.0025, so a batch below ~400 would retain nothing.
+    "ml-100k": {"task1": {"epochs": 10, "lr": 1e-3, "batch": 32, "channels": 128},
+                "taskn": {"epochs": 100, "lr": 1e-3, "batch": 1024, "smax": 50, "alpha": 0.7, "patience": 10}},
 }
 REPORTED = {"ranking": ("mrr@5", "ndcg@5", "hr@5"), "accuracy": ("accuracy",)}
 
