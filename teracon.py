@@ -29,7 +29,7 @@ log = logging.getLogger("teracon")
 ALPHA = 0.7          # weight of the knowledge-retention loss (eq. 18)
 RHO_INIT = 0.9       # initial sampling ratio of every past task
 RHO_SHARPNESS = 6.0  # rho_i = 1 - mean sigmoid(6 * cos(...)) (eq. 15)
-CE_CHUNK_ELEMENTS = 1 << 24  # task-1 logits held at once: 64 MB in fp32
+CE_CHUNK_ELEMENTS = 1 << 26  # task-1 logits held at once: 256 MB in fp32 (104 positions at 646k items)
 TTL_FILES = {1: "original_desen_pretrain.csv", 2: "original_desen_finetune_click_nouserID.csv",
              3: "original_desen_finetune_like_nouserID.csv", 4: "original_desen_age.csv",
              5: "original_desen_gender.csv", 6: "original_desen_lifestatus.csv"}
