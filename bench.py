@@ -83,7 +83,7 @@ import data_loader as dl
 import teracon
 from nextitnet import CHANNELS, DILATIONS, KERNEL, NextItNet
 from teracon import Task1Step, TaskNStep, autocast, evaluate
-from utils import resolve_device
+from utils import atomic_write_text, resolve_device
 
 log = logging.getLogger("bench")
 
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"meta": meta, "results": results}
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1))
+        atomic_write_text(a.json, json.dumps(out, indent=1))
         log.info("wrote %s", a.json)
     return out
 

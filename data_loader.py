@@ -119,7 +119,7 @@ def load_item_index(path: str | Path) -> np.ndarray:
         items = np.asarray(obj["items"], dtype=np.int64)
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path}: not an item index (needs an 'items' list of integers)") from None
-    if items.ndim != 1 or (items <= 0).any() or (np.diff(items) <= 0).any():
+    if items.ndim != 1 or items.size == 0 or (items <= 0).any() or (np.diff(items) <= 0).any():
         raise UserError(f"{path}: item index must list distinct positive ids in increasing order")
     if obj.get("checksum") not in (None, index_checksum(items)):
         raise UserError(f"{path}: item index checksum does not match its items (file edited?)")
@@ -199,9 +199,8 @@ class TaskData:
                 self.targets[i].to(device, non_blocking=True))
 
 
-def load_task1(path: str | Path, seed: int, index_path: str | Path | None = None,
-               split_by: str = "example") -> tuple[TaskData, np.ndarray]:
-    """Read the task-1 file, build its item index (written to `index_path` if given), split."""
+def load_task1(path: str | Path, seed: int, split_by: str = "example") -> tuple[TaskData, np.ndarray]:
+    """Read the task-1 file, build its item index and split."""
     path = Path(path)
     raw = read_sequence_file(path)
     if raw.shape[1] < 2:
@@ -209,8 +208,6 @@ def load_task1(path: str | Path, seed: int, index_path: str | Path | None = None
     items = build_item_index(raw)
     if len(items) == 0:
         raise UserError(f"{path}: every item is padding (0); nothing to learn")
-    if index_path is not None:
-        save_item_index(index_path, items, path)
     seqs = torch.from_numpy(map_items(raw, items, path))
     lines = torch.arange(len(seqs))
     data = TaskData(1, "task1", str(path), seqs, torch.full((len(seqs),), -1), lines,
@@ -224,6 +221,8 @@ def load_task(task: int, path: str | Path, items: np.ndarray, seed: int, split_b
     """Read a task-n file, map sources through the task-1 index and targets to 0..K-1, split."""
     path = Path(path)
     raw_src, raw_tgt, line_of_example = read_task_file(path)
+    if raw_src.shape[1] < 2:
+        raise UserError(f"{path}: sources need at least 2 items (task 1's pseudo-labels read position -2)")
     sources = torch.from_numpy(map_items(raw_src, items, path))
     labels, targets = np.unique(raw_tgt, return_inverse=True)
     data = TaskData(task, name or f"task{task}", str(path), sources, torch.from_numpy(targets),

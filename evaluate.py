@@ -39,9 +39,12 @@ def evaluate_checkpoint(path: str | Path, device_name: str = "auto", split: str 
     device = resolve_device(device_name)
     smax = float(ckpt["args"]["smax"])
     if ckpt.get("method") == "sinmo":  # one model per task, each with its task's head only
-        models = [(NextItNet.from_checkpoint(m).to(device), 0) for m in ckpt.get("members", []) + [ckpt]]
+        members = ckpt.get("members", []) + [ckpt]
+        if len(members) != len(ckpt["tasks"]):
+            raise UserError(f"{path}: sinmo checkpoint has {len(members)} models for {len(ckpt['tasks'])} tasks")
+        models = [(NextItNet.from_checkpoint(m, str(path)).to(device), 0) for m in members]
     else:
-        model = NextItNet.from_checkpoint(ckpt).to(device)
+        model = NextItNet.from_checkpoint(ckpt, str(path)).to(device)
         models = [(model, i) for i in range(len(ckpt["tasks"]))]
     rows, items = [], None
     for entry, (model, head) in zip(ckpt["tasks"], models):
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
+    if args.eval_batch < 1:
+        raise UserError(f"--eval_batch {args.eval_batch}: must be at least 1")
     rows = evaluate_checkpoint(args.paths, args.device, args.split, args.eval_batch)
     print(format_rows(rows))
     if args.json:

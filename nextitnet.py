@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import UserError
+
 CHANNELS = 256
 DILATIONS = (1, 4, 1, 4, 1, 4, 1, 4)
 KERNEL = 3
@@ -159,10 +161,13 @@ class NextItNet(nn.Module):
                 "relation": self.relation, "masked": self.masked, "owned": self.owned}
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict) -> "NextItNet":
-        cfg = dict(ckpt["config"])
-        model = cls(cfg.pop("num_items"), cfg.pop("head_sizes"), **cfg)
-        model.load_state_dict(ckpt["state_dict"])
+    def from_checkpoint(cls, ckpt: dict, source: str = "checkpoint") -> "NextItNet":
+        try:
+            cfg = dict(ckpt["config"])
+            model = cls(cfg.pop("num_items"), cfg.pop("head_sizes"), **cfg)
+            model.load_state_dict(ckpt["state_dict"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{source}: weights do not fit the model config it records ({type(e).__name__})") from None
         return model
 
     def add_task(self, num_classes: int) -> None:

@@ -33,7 +33,7 @@ MAIN_METRIC = {"ranking": "mrr@5", "accuracy": "accuracy"}
 @torch.no_grad()
 def task_relation(ckpt: dict) -> np.ndarray:
     """[T, T] cosine similarity of the tasks' masks at s = smax, averaged over masked layers."""
-    model = NextItNet.from_checkpoint(ckpt)
+    model = NextItNet.from_checkpoint(ckpt, "checkpoint")
     masks = model.masks(float(ckpt["args"]["smax"]))                      # [T, M, C]
     cos = F.cosine_similarity(masks[:, None], masks[None, :], dim=-1)      # [T, T, M]
     return cos.mean(dim=-1).numpy()
@@ -87,9 +87,12 @@ def draw(values: np.ndarray, rows: list[str], cols: list[str], title: str, path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
             extras["members"] = prev.get("members", []) + [{"config": prev["config"], "state_dict": prev["state_dict"]}]
     else:
         if METHODS[method]["retention"] and args.alpha > 0:
-            teacher = NextItNet.from_checkpoint(prev).to(device).eval().requires_grad_(False)
-        model = NextItNet.from_checkpoint(prev)
+            teacher = NextItNet.from_checkpoint(prev, args.paths).to(device).eval().requires_grad_(False)
+        model = NextItNet.from_checkpoint(prev, args.paths)
         model.add_task(data.num_classes)
     model.to(device)
 

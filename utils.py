@@ -103,8 +103,10 @@ def load_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "tasks" not in ckpt:
-        raise UserError(f"{path}: not a TERACON checkpoint (no state_dict/tasks)")
+    missing = [k for k in ("state_dict", "config", "tasks", "item_index", "args")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a TERACON checkpoint (no {', '.join(missing)})")
     return ckpt
 
 
