@@ -333,6 +333,9 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
         if entry is None and task not in TTL_FILES:
             raise UserError(f"--task {task}: give --datapath or --dataset (TTL has tasks 1-6 only)")
         args.datapath = entry["file"] if entry else str(folder / TTL_FILES[task])
+        if entry is None and not Path(args.datapath).is_file():
+            raise UserError(f"{args.datapath}: file not found (put the TTL files in Data/Session/, or use "
+                            "--dataset ml-100k after `python prepare_data.py ml-100k`, or --datapath FILE)")
     if args.name is None:
         args.name = entry["name"] if entry else Path(args.datapath).stem
     args.datapath_index = args.datapath_index or str(folder / "index.json")
