@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from evaluate import evaluate_checkpoint
 from nextitnet import NextItNet
-from utils import UserError, atomic_write_text, load_checkpoint, run_cli
+from utils import UserError, atomic_write, atomic_write_text, load_checkpoint, run_cli
 
 log = logging.getLogger("teracon")
 MAIN_METRIC = {"ranking": "mrr@5", "accuracy": "accuracy"}
@@ -85,14 +85,10 @@ def draw(values: np.ndarray, rows: list[str], cols: list[str], title: str, path:
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), "wb")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,7 +46,7 @@ def setup_logging() -> None:
 
 # ---------------------------------------------------------------------------------- files
 
-def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
     """Write through a temporary file in the same folder, then rename: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> 
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text), "w")
+    atomic_write(path, lambda f: f.write(text), "w")
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -73,7 +73,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def sha256_file(path: str | Path) -> str:
