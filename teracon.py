@@ -29,6 +29,7 @@ log = logging.getLogger("teracon")
 ALPHA = 0.7          # weight of the knowledge-retention loss (eq. 18)
 RHO_INIT = 0.9       # initial sampling ratio of every past task
 RHO_SHARPNESS = 6.0  # rho_i = 1 - mean sigmoid(6 * cos(...)) (eq. 15)
+COS_EPS = 1e-6       # the authors' nn.CosineSimilarity(dim=1, eps=1e-6): norms below it are clamped
 CE_CHUNK_ELEMENTS = 1 << 26  # task-1 logits held at once: 256 MB in fp32 (104 positions at 646k items)
 TTL_FILES = {1: "original_desen_pretrain.csv", 2: "original_desen_finetune_click_nouserID.csv",
              3: "original_desen_finetune_like_nouserID.csv", 4: "original_desen_age.csv",
@@ -58,9 +59,10 @@ def knowledge_retention_loss(student: list[torch.Tensor | None], teacher: list[t
 def update_rho(teacher_masks: torch.Tensor, new_task_mask: torch.Tensor) -> np.ndarray:
     """eq. 15: rho_i = 1 - mean over masked layers of sigmoid(6 * cos(m_i^teacher, m_new^student)).
 
-    teacher_masks [T-1, M, C], new_task_mask [M, C] -> [T-1].
+    teacher_masks [T-1, M, C], new_task_mask [M, C] -> [T-1]. The cosine clamps each norm at
+    COS_EPS as the authors' code does, which matters when a layer's mask is near zero.
     """
-    cos = F.cosine_similarity(teacher_masks, new_task_mask.unsqueeze(0), dim=-1)  # [T-1, M]
+    cos = F.cosine_similarity(teacher_masks, new_task_mask.unsqueeze(0), dim=-1, eps=COS_EPS)  # [T-1, M]
     return (1.0 - torch.sigmoid(RHO_SHARPNESS * cos).mean(dim=1)).detach().double().cpu().numpy()
 
 

@@ -162,6 +162,16 @@ def test_update_rho_hand_cases():
     assert rho[0] == pytest.approx(1 - (sig6 + 0.5) / 2, abs=1e-6)
 
 
+def test_update_rho_clamps_small_norms_at_the_authors_eps():
+    """The authors' cosine is nn.CosineSimilarity(dim=1, eps=1e-6): x.y / (max(|x|, 1e-6) *
+    max(|y|, 1e-6)). A teacher mask of norm 5e-8 in the new mask's direction has true cosine 1,
+    but by hand 25e-8 / (1e-6 * 5) = 0.05 with their eps (torch's default 1e-8 would give 1)."""
+    new = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    teacher = torch.tensor([[[3e-8, 4e-8]]], dtype=torch.float64)
+    rho = update_rho(teacher, new)
+    assert rho[0] == pytest.approx(1 - 1 / (1 + math.exp(-6 * 0.05)), rel=1e-12)
+
+
 # ---------------------------------------------------------------------------- KR loss
 
 def test_knowledge_retention_loss_weights_and_empty_subsets():
