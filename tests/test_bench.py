@@ -39,3 +39,34 @@ def test_flop_counts():
     student = c["rows_student"] * 100 * per_pos + 2 * 256 * 1000 * 1024 + heads_past
     teacher = c["rows_teacher"] * 100 * per_pos + heads_past
     assert c["flops"] == 3 * student + teacher
+
+
+# ------------------------------------------------------------------ bench_authors.py (no timing)
+
+def test_bench_authors_missing_checkout_is_one_error_line(tmp_path, capsys):
+    import pytest
+
+    import bench_authors
+    (tmp_path / "teracon.py").write_text("")  # a partial checkout is no checkout
+    with pytest.raises(SystemExit) as exc:
+        bench_authors.main(["--authors", str(tmp_path), "--no-memory"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert "git clone https://github.com/Sein-Kim/TERACON" in err[0] and "generator_hat_other.py" in err[0]
+
+
+def test_bench_authors_argument_parsing():
+    import pytest
+
+    import bench_authors
+    a = bench_authors.parse_args(["--authors", "X"])
+    assert (a.authors, a.batch, a.batch1, a.amp, a.task, a.rho) == ("X", [1024], 32, ["fp32"], 6, 0.05)
+    assert (a.items, a.length, a.channels, a.cases, a.json) == (1426, 50, 256, ["taskn", "task1"], None)
+    a = bench_authors.parse_args(["--batch", "1024", "128", "--amp", "fp32", "bf16", "bf16", "--repeats", "2",
+                                  "--json", "o.json", "--cases", "task1"])
+    assert (a.batch, a.amp, a.repeats, a.json, a.cases) == ([1024, 128], ["fp32", "bf16"], 2, "o.json", ["task1"])
+    assert bench_authors.head_sizes(1426, 6) == [1426, 300, 200, 8, 2, 21]
+    for bad in (["--task", "1"], ["--rho", "1.5"], ["--batch", "0"], ["--amp", "fp16"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            bench_authors.parse_args(bad)
