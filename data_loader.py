@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from utils import UserError, atomic_write_json, metric_kind, read_json
+from utils import UserError, atomic_write_json, metric_kind, quote, read_json, require_file
 
 DATA_ROOT = Path("Data")
 _INT_ROW = re.compile(r"\d{1,18}(,\d{1,18})*")  # ids fit in int64
@@ -26,9 +26,7 @@ _INT_ROW = re.compile(r"\d{1,18}(,\d{1,18})*")  # ids fit in int64
 
 def _read_lines(path: str | Path) -> list[str]:
     """Lines of a text file; CRLF endings and a missing final newline are accepted."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    path = require_file(path, "file not found")
     raw = path.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf") or raw.startswith(b"\xff\xfe") or raw.startswith(b"\xfe\xff"):
         raise UserError(f"{path}: line 1: starts with a byte-order mark; save the file as plain ASCII/UTF-8")
@@ -51,7 +49,7 @@ def _parse_rows(rows: list[str], path: Path, what: str, line_no: list[int] | Non
         if not _INT_ROW.fullmatch(row):
             n = line_no[i] if line_no else i + 1
             bad = next((t for t in row.split(",") if not (t.isdigit() and len(t) <= 18)), row)
-            problem = "is empty" if row == "" else f"has token {bad!r}, not a non-negative integer below 10**18"
+            problem = "is empty" if row == "" else f"has token {quote(bad)}, not a non-negative integer below 10**18"
             raise UserError(f"{path}: line {n}: {what} {problem}")
     lengths = np.fromiter((r.count(",") + 1 for r in rows), dtype=np.int64, count=len(rows))
     if (lengths != lengths[0]).any():
@@ -89,7 +87,8 @@ def read_task_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
     src = _parse_rows(sources, path, "source", line_no)
     for i, t in enumerate(targets):
         if not _INT_ROW.fullmatch(t):
-            raise UserError(f"{path}: line {i + 1}: targets {t!r} are not comma-separated non-negative integers")
+            raise UserError(f"{path}: line {i + 1}: targets {quote(t)} are not comma-separated non-negative "
+                            "integers below 10**18")
     counts = np.fromiter((t.count(",") + 1 for t in targets), dtype=np.int64, count=len(targets))
     tgt = np.fromstring(",".join(targets), dtype=np.int64, sep=",")
     return src, tgt, np.repeat(np.arange(len(lines)), counts)
@@ -115,10 +114,13 @@ def save_item_index(path: str | Path, items: np.ndarray, source: str | Path) -> 
 
 def load_item_index(path: str | Path) -> np.ndarray:
     obj = read_json(path, "item index")
-    try:
-        items = np.asarray(obj["items"], dtype=np.int64)
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: not an item index (needs an 'items' list of integers)") from None
+    raw = obj.get("items") if isinstance(obj, dict) else None
+    if not isinstance(raw, list) or any(type(x) is not int for x in raw):
+        raise UserError(f"{path}: not an item index (needs an 'items' list of integers)")
+    big = next((x for x in raw if not -2**63 <= x < 2**63), None)
+    if big is not None:
+        raise UserError(f"{path}: item id {quote(str(big))} does not fit in 64 bits")
+    items = np.asarray(raw, dtype=np.int64)
     if items.ndim != 1 or items.size == 0 or (items <= 0).any() or (np.diff(items) <= 0).any():
         raise UserError(f"{path}: item index must list distinct positive ids in increasing order")
     if obj.get("checksum") not in (None, index_checksum(items)):
@@ -225,6 +227,9 @@ def load_task(task: int, path: str | Path, items: np.ndarray, seed: int, split_b
         raise UserError(f"{path}: sources need at least 2 items (task 1's pseudo-labels read position -2)")
     sources = torch.from_numpy(map_items(raw_src, items, path))
     labels, targets = np.unique(raw_tgt, return_inverse=True)
+    if len(labels) < 2:
+        raise UserError(f"{path}: every example has the target {labels[0]}: the task has only one class, "
+                        "nothing to learn")
     data = TaskData(task, name or f"task{task}", str(path), sources, torch.from_numpy(targets),
                     torch.from_numpy(line_of_example), len(labels), labels)
     data.splits = split_examples(line_of_example, seed, split_by)

@@ -15,7 +15,8 @@ import numpy as np
 import data_loader as dl
 from nextitnet import NextItNet
 from teracon import evaluate
-from utils import UserError, atomic_write_json, load_checkpoint, resolve_device, run_cli, sha256_file
+from utils import (UserError, atomic_write_json, check_outputs, load_checkpoint, require_finished, resolve_device,
+                   run_cli, sha256_file, summary_path)
 
 log = logging.getLogger("teracon")
 
@@ -33,9 +34,10 @@ def load_task_data(entry: dict, items: np.ndarray | None) -> tuple[dl.TaskData, 
 
 
 def evaluate_checkpoint(path: str | Path, device_name: str = "auto", split: str = "test",
-                        batch_size: int = 1024) -> list[dict]:
-    """One row per task: its name, metric kind, metrics now and right after it was trained."""
-    ckpt = load_checkpoint(path)
+                        batch_size: int = 1024, ckpt: dict | None = None) -> list[dict]:
+    """One row per task: its name, metric kind, metrics now and right after it was trained
+    (`ckpt`: the checkpoint at `path` when already loaded)."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
     device = resolve_device(device_name)
     smax = float(ckpt["args"]["smax"])
     if ckpt.get("method") == "sinmo":  # one model per task, each with its task's head only
@@ -76,10 +78,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--eval_batch", type=int, default=1024, help="evaluation batch size (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--accept_unfinished", action="store_true",
+                   help="evaluate a checkpoint whose training run did not finish (its PREFIX.json says finished: false)")
     args = p.parse_args(argv)
     if args.eval_batch < 1:
         raise UserError(f"--eval_batch {args.eval_batch}: must be at least 1")
-    rows = evaluate_checkpoint(args.paths, args.device, args.split, args.eval_batch)
+    outputs = {"--json": args.json}
+    check_outputs(outputs, {"--paths": args.paths, "the run summary of --paths": summary_path(args.paths)})
+    require_finished(args.paths, args.accept_unfinished)
+    ckpt = load_checkpoint(args.paths)
+    check_outputs(outputs, {f"the task {t['task']} file of --paths": t["file"] for t in ckpt["tasks"]})
+    rows = evaluate_checkpoint(args.paths, args.device, args.split, args.eval_batch, ckpt=ckpt)
     print(format_rows(rows))
     if args.json:
         atomic_write_json(args.json, {"checkpoint": args.paths, "split": args.split, "rows": rows})

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -20,6 +22,8 @@ log = logging.getLogger("teracon")
 
 RANKING_MIN_CLASSES = 21  # more than 20 classes: ranking metrics; otherwise accuracy (SPEC 6)
 TOPK = (5, 20)
+MAX_SEED = 2**32 - 1       # numpy's RandomState takes seeds in [0, 2**32 - 1]
+MAX_ERROR_CHARS = 500      # an error line longer than this is cut
 
 
 class UserError(Exception):
@@ -32,7 +36,11 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {clip(str(e), MAX_ERROR_CHARS)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # e.g. an output folder that cannot be written: one line, no traceback
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"error: {clip(where + (e.strerror or str(e)), MAX_ERROR_CHARS)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted; files already written are complete, nothing is half-written",
@@ -44,12 +52,69 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
+def clip(text: str, limit: int = 40) -> str:
+    """`text`, or its first `limit` characters and how long it was: user text in a message stays short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def quote(token: str, limit: int = 40) -> str:
+    """repr() of a user's token, cut as `clip` does."""
+    return repr(token) if len(token) <= limit else f"{token[:limit]!r}... ({len(token)} characters)"
+
+
+# --------------------------------------------------------------------------- flag types
+
+def finite_float(flag: str, positive: bool = False, nonnegative: bool = False) -> Callable[[str], float]:
+    """argparse `type` for a float flag: finite (and positive or non-negative if asked), or a
+    UserError naming the flag, e.g. `--lr inf: must be a finite number`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(f"{flag} {clip(text)}: not a number") from None
+        if not math.isfinite(value):
+            raise UserError(f"{flag} {clip(text)}: must be a finite number")
+        if positive and value <= 0:
+            raise UserError(f"{flag} {clip(text)}: must be positive")
+        if nonnegative and value < 0:
+            raise UserError(f"{flag} {clip(text)}: must be non-negative")
+        return value
+    return parse
+
+
+def seed_type(flag: str = "--seed") -> Callable[[str], int]:
+    """argparse `type` for a seed: an integer in [0, 2**32 - 1] (numpy's limit), or a UserError naming `flag`."""
+    def parse(text: str) -> int:
+        message = f"{flag} {clip(text)}: must be an integer from 0 to {MAX_SEED} (2**32 - 1)"
+        if not re.fullmatch(r"\s*[+-]?\d{1,20}\s*", text):
+            raise UserError(message)
+        value = int(text)
+        if not 0 <= value <= MAX_SEED:
+            raise UserError(message)
+        return value
+    return parse
+
+
+seed_int = seed_type("--seed")
+
+
 # ---------------------------------------------------------------------------------- files
 
+def _stale_temp_files(path: Path) -> list[Path]:
+    """Temporary files `.NAME.<mkstemp's 8 characters>.tmp` that an interrupted write of `path` left."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    with os.scandir(path.parent) as entries:
+        return [path.parent / e.name for e in entries
+                if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
+    """Write through a temporary file in the same folder, then rename: never half a file.
+    Temporary files of an earlier, killed write of the same output are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_temp_files(path):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
@@ -84,30 +149,165 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_json(path: str | Path, what: str = "file") -> Any:
+def require_file(path: str | Path, missing: str) -> Path:
+    """`path` if it is a file; a folder or a missing path is a UserError (`PATH: {missing}`)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a file")
     if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
+        raise UserError(f"{path}: {missing}")
+    return path
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    path = require_file(path, f"{what} not found")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer of > 4300 digits
+        raise UserError(f"{path}: not valid JSON ({clip(str(e), 200)})") from None
+
+
+CHECKPOINT_TASK_KEYS = {"task": int, "name": str, "file": str, "file_sha256": str, "num_classes": int,
+                        "metric": str, "seed": int, "split_by": str}
+
+
+def _wrong_type(value: Any, kind: type) -> bool:
+    return not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+
+
+def checkpoint_problem(ckpt: Any) -> str | None:
+    """What makes `ckpt` not a TERACON checkpoint (the keys and types the code reads), or None."""
+    if not isinstance(ckpt, dict):
+        return f"a {type(ckpt).__name__}, not a dict"
+    missing = [k for k in ("state_dict", "config", "tasks", "item_index", "args") if k not in ckpt]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for key in ("state_dict", "config", "item_index", "args"):
+        if not isinstance(ckpt[key], dict):
+            return f"{key} is a {type(ckpt[key]).__name__}, not a dict"
+    tasks = ckpt["tasks"]
+    if not isinstance(tasks, list) or not tasks:
+        return "tasks is not a non-empty list"
+    for i, entry in enumerate(tasks):
+        if not isinstance(entry, dict):
+            return f"tasks[{i}] is a {type(entry).__name__}, not a dict"
+        for key, kind in CHECKPOINT_TASK_KEYS.items():
+            if key not in entry:
+                return f"tasks[{i}] has no {key}"
+            if _wrong_type(entry[key], kind):
+                return f"tasks[{i}].{key} is not a {kind.__name__}"
+    for key, kind in (("checksum", str), ("num_items", int)):
+        if key not in ckpt["item_index"]:
+            return f"item_index has no {key}"
+        if _wrong_type(ckpt["item_index"][key], kind):
+            return f"item_index.{key} is not a {kind.__name__}"
+    smax = ckpt["args"].get("smax")
+    if isinstance(smax, bool) or not isinstance(smax, (int, float)) or not math.isfinite(smax):
+        return "args.smax is not a finite number"
+    members = ckpt.get("members", [])
+    if not isinstance(members, list) or any(not isinstance(m, dict) or not isinstance(m.get("config"), dict)
+                                            or not isinstance(m.get("state_dict"), dict) for m in members):
+        return "members is not a list of {config, state_dict} dicts"
+    if not isinstance(ckpt.get("method", ""), str):
+        return "method is not a str"
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint written by `atomic_torch_save`; a missing or foreign file is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found (train the previous task first, or pass --paths)")
+    path = require_file(path, "checkpoint not found (train the previous task first, or pass --paths)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    missing = [k for k in ("state_dict", "config", "tasks", "item_index", "args")
-               if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UserError(f"{path}: not a TERACON checkpoint (no {', '.join(missing)})")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise UserError(f"{path}: not a TERACON checkpoint ({problem})")
     return ckpt
+
+
+def summary_path(ckpt_path: str | Path) -> Path | None:
+    """The run summary `PREFIX.json` written beside the checkpoint `PREFIX.pt` (None if not a .pt path)."""
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.with_suffix(".json") if ckpt_path.suffix == ".pt" else None
+
+
+def require_finished(ckpt_path: str | Path, accept_unfinished: bool) -> None:
+    """Refuse a checkpoint whose run summary says `finished: false` (a killed or running training),
+    unless `accept_unfinished`; a checkpoint without a summary beside it is taken as it is."""
+    summary = summary_path(ckpt_path)
+    if summary is None or not summary.is_file():
+        return
+    try:
+        finished = read_json(summary, "run summary")
+    except UserError:
+        if accept_unfinished:
+            return
+        raise
+    if isinstance(finished, dict) and finished.get("finished") is False:
+        if not accept_unfinished:
+            raise UserError(f"{ckpt_path}: its training run did not finish ({summary} says finished: false); "
+                            "pass --accept_unfinished to use it anyway")
+        log.warning("%s: its training run did not finish; used anyway (--accept_unfinished)", ckpt_path)
+
+
+def _paths(value: str | Path | Iterable[str | Path] | None) -> list[Path]:
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [Path(value)]
+    return [Path(v) for v in value]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _unwritable_folder(path: Path) -> str | None:
+    """Why an output file `path` could not be written (as a folder, below a file, in a read-only
+    folder), or None; nothing is created."""
+    if path.is_dir():
+        return "is a directory, not a file"
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    return None
+
+
+def check_outputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Before any work: no output may be an input (same file), and every output must be writable.
+    Keys are the flags that name the paths (in messages); a value is a path, a list of paths or None."""
+    for out_flag, out_value in outputs.items():
+        for out in _paths(out_value):
+            for in_flag, in_value in inputs.items():
+                for inp in _paths(in_value):
+                    if _same_file(out, inp):
+                        raise UserError(f"{out_flag} {clip(str(out), 200)}: is the same file as {in_flag} "
+                                        f"{clip(str(inp), 200)}; writing it would destroy that input")
+            problem = _unwritable_folder(out)
+            if problem:
+                raise UserError(f"{out_flag} {clip(str(out), 200)}: cannot be written ({problem})")
+
+
+def check_finite_model(model: torch.nn.Module, where: str) -> None:
+    """UserError when any parameter holds NaN or inf (a diverged training must not be saved or scored)."""
+    params = list(model.named_parameters())
+    if not params:
+        return
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params])
+    if bool(finite.all()):
+        return
+    first = params[int((~finite).nonzero()[0])][0]
+    raise UserError(f"{where}: parameters became non-finite (NaN or inf), first in {first}; "
+                    "lower --lr")
 
 
 def library_versions() -> dict[str, str]:
@@ -147,9 +347,11 @@ def metric_kind(num_classes: int) -> str:
 
 
 def rank_of_target(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target: how many classes score strictly higher than it."""
+    """0-based rank of each target: how many classes score strictly higher than it. A NaN score
+    of another class never beats the target; a non-finite target score ranks last (= classes)."""
     target_score = logits.gather(1, targets.view(-1, 1))
-    return (logits > target_score).sum(dim=1)
+    ranks = (logits > target_score).sum(dim=1)  # NaN > x is False: NaN classes count as -inf
+    return torch.where(torch.isfinite(target_score.view(-1)), ranks, logits.shape[1])
 
 
 def metric_sums(ranks: torch.Tensor, kind: str) -> dict[str, float]:
