@@ -210,6 +210,8 @@ def load_task1(path: str | Path, seed: int, split_by: str = "example") -> tuple[
     items = build_item_index(raw)
     if len(items) == 0:
         raise UserError(f"{path}: every item is padding (0); nothing to learn")
+    if len(items) < 2:
+        raise UserError(f"{path}: every item is {items[0]}: one item only, nothing to learn")
     seqs = torch.from_numpy(map_items(raw, items, path))
     lines = torch.arange(len(seqs))
     data = TaskData(1, "task1", str(path), seqs, torch.full((len(seqs),), -1), lines,

@@ -169,6 +169,13 @@ def test_a_task_with_one_class_is_refused(tmp_path):
         dl.load_task(4, tmp_path / "t4.csv", items, seed=0)
 
 
+def test_a_task1_file_of_one_item_is_refused(tmp_path):
+    path = tmp_path / "t1.csv"
+    path.write_text("0,5,5\n5,5,5\n")
+    with pytest.raises(UserError, match="t1.csv: every item is 5: one item only, nothing to learn"):
+        dl.load_task1(path, seed=0)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 def good_checkpoint() -> dict:
