@@ -117,13 +117,15 @@ def stats_table(dataset: str, rows: list[dict]) -> str:
 
 
 def write_manifest(out_dir: Path, dataset: str, protocol: str, entries: list[dict],
-                   stats: list[dict]) -> Path:
-    """Write `tasks.json` and `stats.md` (the table is also logged); return the manifest path."""
+                   stats: list[dict], version: str | None = None) -> Path:
+    """Write `tasks.json` and `stats.md` (the table is also logged); return the manifest path.
+    `version` names the protocol (e.g. ml-100k/2) so that results can say which one they used."""
     table = stats_table(dataset, stats)
     for line in table.rstrip("\n").splitlines():
         log.info("%s", line)
     utils.atomic_write_text(out_dir / STATS, table + "\n" + protocol + "\n")
-    manifest = {"dataset": dataset, "protocol": protocol, "tasks": entries}
+    manifest = {"dataset": dataset, **({"version": version} if version else {}), "protocol": protocol,
+                "tasks": entries}
     utils.atomic_write_json(out_dir / MANIFEST, manifest)
     log.info("wrote %s", out_dir / MANIFEST)
     return out_dir / MANIFEST
@@ -135,7 +137,8 @@ def _readers() -> tuple[Callable, Callable]:
     return read_sequence_file, read_task_file
 
 
-def write_dataset(out_dir: str | Path, dataset: str, protocol: str, tasks: list[Task]) -> Path:
+def write_dataset(out_dir: str | Path, dataset: str, protocol: str, tasks: list[Task],
+                  version: str | None = None) -> Path:
     """Write every task file, read each back with data_loader's readers as a self-check, then the
     statistics and the manifest. Returns the manifest path."""
     out_dir = Path(out_dir)
@@ -168,7 +171,7 @@ def write_dataset(out_dir: str | Path, dataset: str, protocol: str, tasks: list[
         entries.append({"task": n, "name": task.name, "file": name, "num_classes": st["classes"],
                         "metric": metric})
         log.info("wrote %s (%d lines)", path, st["lines"])
-    return write_manifest(out_dir, dataset, protocol, entries, stats)
+    return write_manifest(out_dir, dataset, protocol, entries, stats, version)
 
 
 # ------------------------------------------------------------------------------- synthetic
@@ -340,20 +343,6 @@ def movielens_protocol_text(dataset: str, window: int, src_len: int, targets: in
 RECBOLE_VERSION = "1.2.1"
 RECBOLE_WHEEL = f"recbole-{RECBOLE_VERSION}-py3-none-any.whl"
 RECBOLE_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
-ML100K_MEMBERS = {
-    "inter": ("recbole/dataset_example/ml-100k/ml-100k.inter",
-              "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"),
-    "user": ("recbole/dataset_example/ml-100k/ml-100k.user",
-             "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972"),
-}
-# MovieLens-1M age buckets: <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+ -> class ids 0..6
-AGE_EDGES = (18, 25, 35, 45, 50, 56)
-AGE_NAMES = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
-
-
-def age_bucket(age: int) -> int:
-    """MovieLens-1M age bucket of an age in years (class id 0..6)."""
-    return int(np.searchsorted(AGE_EDGES, age, side="right"))
 
 
 def fetch_recbole_wheel(cache: str | Path) -> Path:
@@ -414,34 +403,58 @@ def parse_atomic(text: str, where: str, columns: Sequence[str]) -> list[list[str
     return rows
 
 
-def ml100k_profiles(user_rows: Sequence[Sequence[str]],
-                    where: str = "ml-100k.user") -> list[tuple[str, ProfileFn]]:
-    """Age bucket, gender and occupation profile functions from (user_id, age, gender, occupation)
-    rows. Gender: F=0, M=1. Occupation: 'none' merged into 'other' (20 classes), ids by name."""
-    table: dict[int, tuple[int, str, str]] = {}
-    for n, (uid, age, gender, occ) in enumerate(user_rows, 2):
+ML100K_MEMBERS = {
+    "inter": ("recbole/dataset_example/ml-100k/ml-100k.inter",
+              "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"),
+    "item": ("recbole/dataset_example/ml-100k/ml-100k.item",
+             "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532"),
+}
+ML100K_VERSION = "ml-100k/2"  # the task sequence below; bump it whenever a task changes
+ML100K_NAMES = ("watch", "next_watch", "like", "genre", "liked", "decade")
+
+
+@dataclass
+class Ml100kConfig:
+    """The ml-100k/2 protocol's knobs: T1 windows, the source length of T2-T6, the stride of
+    their cut points, and how many future movies T2, T3 and T4 look at."""
+    window: int = 20
+    src_len: int = 20
+    stride: int = 10
+    targets: int = 2
+    horizon: int = 10
+    like_min: int = 4
+
+
+def ml100k_movies(item_rows: Sequence[Sequence[str]], where: str = "ml-100k.item"
+                  ) -> tuple[dict[int, list[str]], dict[int, int]]:
+    """(item_id, release_year, class) rows -> genres and release decade per movie; the genre
+    'unknown' and non-numeric years are left out."""
+    genre, decade = {}, {}
+    for n, (item, year, classes) in enumerate(item_rows, 2):
         try:
-            table[int(uid)] = (int(age), gender, "other" if occ == "none" else occ)
+            movie = int(item)
         except ValueError:
-            raise UserError(f"{where}: line {n}: user id and age must be integers") from None
-    genders = {"F": 0, "M": 1}
-    bad = sorted({g for _, g, _ in table.values()} - set(genders))
-    if bad:
-        raise UserError(f"{where}: unknown gender value(s) {bad} (expected F or M)")
-    occupations = {o: i for i, o in enumerate(sorted({o for _, _, o in table.values()}))}
-
-    def field(k: int, fn: Callable) -> ProfileFn:
-        return lambda sp: fn(table[sp.user][k]) if sp.user in table else None
-
-    return [("age", field(0, age_bucket)), ("gender", field(1, genders.__getitem__)),
-            ("occupation", field(2, occupations.__getitem__))]
+            raise UserError(f"{where}: line {n}: item id {item[:40]!r} is not an integer") from None
+        genre[movie] = [g for g in classes.split() if g != "unknown"]
+        if year.isdigit():
+            decade[movie] = int(year) // 10 * 10
+    return genre, decade
 
 
-def ml100k_tasks(inter_rows: Sequence[Sequence[str]], user_rows: Sequence[Sequence[str]], *,
-                 window: int = 20, src_len: int = 50, targets: int = 5,
-                 where: str = "ml-100k.inter") -> list[Task]:
-    """The ML-100K protocol from (user_id, item_id, rating, timestamp) and (user_id, age, gender,
-    occupation) string rows: the same pure function for tests and for the real data."""
+def ml100k_tasks(inter_rows: Sequence[Sequence[str]], item_rows: Sequence[Sequence[str]],
+                 config: Ml100kConfig = Ml100kConfig(), where: str = "ml-100k.inter"
+                 ) -> tuple[list[Task], dict[str, list]]:
+    """The ml-100k/2 task sequence from (user_id, item_id, rating, timestamp) and (item_id,
+    release_year, class) string rows; the same pure function for tests and the real data.
+
+    Each user's ratings in time order (ties by item id); the first floor(70%) are the history.
+    T1 watch: histories in non-overlapping windows of `window`. Cut points p = h, h + stride, ...
+    inside the future part; the source of T2-T6 is the last `src_len` movies before p that T1
+    knows. T2 next_watch: the next `targets` movies. T3 like: the first `targets` movies rated
+    >= `like_min` among the next `horizon`. T4 genre: the most frequent genre of the next
+    `horizon` movies (ties by name). T5 liked: movie p-1 (the source's last) rated >= `like_min`.
+    T6 decade: the release decade of movie p-1.
+    Returns the tasks and the class names of T4 and T6 (class id = position)."""
     try:
         arr = np.array([[float(x) for x in r] for r in inter_rows], dtype=np.float64).reshape(-1, 4)
     except ValueError:
@@ -449,32 +462,87 @@ def ml100k_tasks(inter_rows: Sequence[Sequence[str]], user_rows: Sequence[Sequen
     ids = arr[:, :2]
     if (ids != np.floor(ids)).any() or (ids[:, 1] < 1).any():
         raise UserError(f"{where}: user and item ids must be integers, item ids >= 1")
-    return movielens_tasks(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2],
-                           arr[:, 3], ml100k_profiles(user_rows), window=window, src_len=src_len,
-                           targets=targets, like_min=5)
+    genre_of, decade_of = ml100k_movies(item_rows)
+    splits = list(split_users(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2], arr[:, 3]))
+    if not splits:
+        raise UserError(f"{where}: no user has at least 2 ratings")
+    t1 = np.concatenate([windows(sp.hist, config.window) for sp in splits])
+    known = set(np.unique(t1).tolist()) - {0}
+    rows: dict[str, tuple[list, list]] = {name: ([], []) for name in ML100K_NAMES[1:]}
+    users: dict[str, set] = {name: set() for name in ML100K_NAMES[1:]}
+
+    def add(name: str, user: int, src: np.ndarray, labels: list) -> None:
+        if labels:
+            rows[name][0].append(src)
+            rows[name][1].append(labels)
+            users[name].add(user)
+
+    for sp in splits:
+        seq = np.concatenate([sp.hist, sp.future])
+        ratings = np.concatenate([sp.hist_ratings, sp.future_ratings])
+        in_t1 = np.fromiter((x in known for x in seq.tolist()), dtype=bool, count=len(seq))
+        for p in range(len(sp.hist), len(seq), config.stride):
+            before = seq[:p][in_t1[:p]]
+            if len(before) < 2:
+                continue
+            src = left_pad(before, config.src_len)
+            ahead = slice(p, p + config.horizon)
+            add("next_watch", sp.user, src, seq[p:p + config.targets].tolist())
+            add("like", sp.user, src, seq[ahead][ratings[ahead] >= config.like_min][:config.targets].tolist())
+            add("genre", sp.user, src, favourite([g for x in seq[ahead].tolist() for g in genre_of.get(x, [])]))
+            if in_t1[p - 1]:  # the source ends with movie p-1
+                add("liked", sp.user, src, [int(ratings[p - 1] >= config.like_min)])
+                add("decade", sp.user, src, [decade_of[seq[p - 1]]] if seq[p - 1] in decade_of else [])
+    names = {"genre": sorted({g[0] for g in rows["genre"][1]}),
+             "decade": sorted({d[0] for d in rows["decade"][1]})}
+    for task, labels in names.items():
+        index = {label: i for i, label in enumerate(labels)}
+        rows[task] = (rows[task][0], [[index[x] for x in t] for t in rows[task][1]])
+    tasks = [Task("watch", t1, None, len(splits))]
+    for name in ML100K_NAMES[1:]:
+        if not rows[name][0]:
+            raise UserError(f"{where}: task {name}: no example qualifies, the data are too small")
+        tasks.append(Task(name, np.stack(rows[name][0]), rows[name][1], len(users[name])))
+    return tasks, names
 
 
-def ml100k_protocol(window: int, src_len: int, targets: int) -> str:
-    return movielens_protocol_text(
-        f"MovieLens-100K (RecBole {RECBOLE_VERSION} copy)", window, src_len, targets, "rated 5",
-        "T4 age: MovieLens-1M age buckets <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+ (class ids "
-        "0..6). T5 gender: F=0, M=1. T6 occupation: the 21 ML-100K occupations with 'none' merged "
-        "into 'other' (20 classes, ids in name order). Profile sources are the T2 sources.")
+def favourite(labels: list[str]) -> list[str]:
+    """[the most frequent label, ties by name], or [] for no label."""
+    if not labels:
+        return []
+    names, counts = np.unique(labels, return_counts=True)
+    return [str(names[np.argmax(counts)])]
 
 
-def prepare_ml100k(out_dir: str | Path, cache: str | Path, window: int = 20, src_len: int = 50,
-                   targets: int = 5) -> Path:
-    """Fetch (or reuse) the RecBole wheel, derive the ML-100K tasks, write them; manifest path."""
+def ml100k_protocol(config: Ml100kConfig, names: dict[str, list]) -> str:
+    c = config
+    return (
+        f"{ML100K_VERSION}: MovieLens-100K (RecBole {RECBOLE_VERSION} copy). Each user's ratings "
+        "are sorted by timestamp (ties by item id); the first floor(70%) are the history, the rest "
+        f"the future. T1 watch: each history cut into non-overlapping windows of {c.window} items "
+        "from the most recent (only the oldest is left-padded with 0). T2-T6 share cut points "
+        f"p = h, h+{c.stride}, h+{2 * c.stride}, ... inside each user's future (h = history length); "
+        f"their source is the last {c.src_len} movies before p that occur in T1 (left-padded). "
+        f"T2 next_watch: the next {c.targets} movies. T3 like: the first {c.targets} movies rated "
+        f">= {c.like_min} among the next {c.horizon} (cut points without one dropped). T4 genre: the "
+        f"most frequent genre among all genres of the next {c.horizon} movies, ties by name (class "
+        f"ids in the order {names['genre']}). T5 liked: whether the source's last movie was rated "
+        f">= {c.like_min} (1) or lower (0). T6 decade: the release decade of the source's last movie "
+        f"(class ids in the order {names['decade']}). T5 and T6 use only cut points whose movie p-1 "
+        "occurs in T1; the genre 'unknown' is ignored and T6 drops movies without a year.")
+
+
+def prepare_ml100k(out_dir: str | Path, cache: str | Path, config: Ml100kConfig = Ml100kConfig()) -> Path:
+    """Fetch (or reuse) the RecBole wheel, derive the ml-100k/2 tasks, write them; manifest path."""
     wheel = fetch_recbole_wheel(cache)
-    texts = {}
-    for key, (member, digest) in ML100K_MEMBERS.items():
-        texts[key] = read_zip_member(wheel, member, digest).decode("utf-8")
+    texts = {key: read_zip_member(wheel, member, digest).decode("utf-8")
+             for key, (member, digest) in ML100K_MEMBERS.items()}
     inter = parse_atomic(texts["inter"], f"{wheel}!{ML100K_MEMBERS['inter'][0]}",
                          ["user_id", "item_id", "rating", "timestamp"])
-    users = parse_atomic(texts["user"], f"{wheel}!{ML100K_MEMBERS['user'][0]}",
-                         ["user_id", "age", "gender", "occupation"])
-    tasks = ml100k_tasks(inter, users, window=window, src_len=src_len, targets=targets)
-    return write_dataset(out_dir, "ml-100k", ml100k_protocol(window, src_len, targets), tasks)
+    movies = parse_atomic(texts["item"], f"{wheel}!{ML100K_MEMBERS['item'][0]}",
+                          ["item_id", "release_year", "class"])
+    tasks, names = ml100k_tasks(inter, movies, config)
+    return write_dataset(out_dir, "ml-100k", ml100k_protocol(config, names), tasks, ML100K_VERSION)
 
 
 # ----------------------------------------------------------------------------------- ml-25m
@@ -762,25 +830,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None,
                        help=f"output folder (default Data/{name})")
 
-    def movielens(p: argparse.ArgumentParser) -> None:
+    def movielens(p: argparse.ArgumentParser, src_len: int, targets: int) -> None:
         p.add_argument("--window", type=_positive, default=20,
                        help="T1 window length: histories are cut into non-overlapping windows of "
                             "this many items (default 20)")
-        p.add_argument("--src_len", type=_positive, default=50,
-                       help="source length of T2..T6: the last this many history items (default 50)")
-        p.add_argument("--targets", type=_positive, default=5,
-                       help="at most this many future movies as next_watch / like targets "
-                            "(default 5)")
+        p.add_argument("--src_len", type=_positive, default=src_len,
+                       help=f"source length of T2..T6 (default {src_len})")
+        p.add_argument("--targets", type=_positive, default=targets,
+                       help=f"at most this many future movies as next_watch / like targets "
+                            f"(default {targets})")
 
-    p = sub.add_parser("ml-100k", help="MovieLens-100K from RecBole's PyPI wheel (downloaded once)")
+    p = sub.add_parser("ml-100k", help="MovieLens-100K from RecBole's PyPI wheel (downloaded once), "
+                       f"protocol {ML100K_VERSION}")
     common(p, "ml-100k")
-    movielens(p)
+    movielens(p, Ml100kConfig.src_len, Ml100kConfig.targets)
+    p.add_argument("--stride", type=_positive, default=Ml100kConfig.stride,
+                   help=f"movies between two cut points of T2-T6 (default {Ml100kConfig.stride})")
     p.add_argument("--cache", default="Data/.cache",
                    help="folder for the downloaded recbole wheel (default Data/.cache)")
 
     p = sub.add_parser("ml-25m", help="MovieLens-25M from ml-25m.zip or its unpacked folder")
     common(p, "ml-25m")
-    movielens(p)
+    movielens(p, 50, 5)
     p.add_argument("--source", required=True,
                    help="ml-25m.zip, or a folder with ratings.csv and movies.csv")
 
@@ -811,7 +882,8 @@ def main(argv: list[str] | None = None) -> Path:
 
 def _prepare(args: argparse.Namespace, out: Path) -> Path:
     if args.dataset == "ml-100k":
-        return prepare_ml100k(out, args.cache, args.window, args.src_len, args.targets)
+        config = Ml100kConfig(window=args.window, src_len=args.src_len, stride=args.stride, targets=args.targets)
+        return prepare_ml100k(out, args.cache, config)
     if args.dataset == "ml-25m":
         return prepare_ml25m(out, args.source, args.window, args.src_len, args.targets)
     if args.dataset == "ttl":

@@ -21,8 +21,9 @@ from tqdm import tqdm
 import data_loader as dl
 from baselines import METHODS, HAT, Conure, mask_penalty, model_options
 from nextitnet import CHANNELS, DILATIONS, NextItNet
-from utils import (UserError, atomic_torch_save, atomic_write_json, library_versions, load_checkpoint,
-                   metric_sums, rank_of_target, resolve_device, set_seed, sha256_file)
+from utils import (UserError, atomic_torch_save, atomic_write_json, check_finite_model, check_outputs,
+                   finite_float, library_versions, load_checkpoint, metric_sums, rank_of_target, require_finished,
+                   resolve_device, seed_int, set_seed, sha256_file, summary_path)
 
 log = logging.getLogger("teracon")
 
@@ -43,9 +44,12 @@ def anneal_s(batch: int, batches_per_epoch: float, smax: float) -> float:
     return 1.0 / smax + (smax - 1.0 / smax) * batch / batches_per_epoch
 
 
-def sample_subsets(rho: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """An independent random subset of floor(rho_i * B) rows of the batch for every past task."""
-    return [rng.permutation(batch_size)[: int(math.floor(r * batch_size))] for r in rho]
+def sample_subsets(rho: np.ndarray, batch_size: int, rng: np.random.Generator,
+                   min_rows: int = 0) -> list[np.ndarray]:
+    """An independent random subset of floor(rho_i * B) rows of the batch for every past task
+    (eq. 15-16). `min_rows` > 0 (off in the paper) raises each subset to min(min_rows, B) rows."""
+    return [rng.permutation(batch_size)[: max(int(math.floor(r * batch_size)), min(min_rows, batch_size))]
+            for r in rho]
 
 
 def knowledge_retention_loss(student: list[torch.Tensor | None], teacher: list[torch.Tensor | None],
@@ -165,9 +169,11 @@ class TaskNStep:
     """
 
     def __init__(self, model: NextItNet, teacher: NextItNet | None, alpha: float, rng: np.random.Generator,
-                 penalty=None):
+                 penalty=None, min_rows: int = 0):
         self.model, self.teacher, self.alpha, self.rng, self.penalty = model, teacher, alpha, rng, penalty
+        self.min_rows = min_rows
         self.rho = np.full(teacher.num_tasks if teacher else 0, RHO_INIT)
+        self.stats = RetentionStats(len(self.rho))
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         masks = self.model.masks(s)
@@ -175,7 +181,8 @@ class TaskNStep:
             hidden = self.model.encode(src, masks[-1:])[:, -1]
             loss = F.cross_entropy(self.model.heads[-1](hidden), tgt)
             return loss + self.penalty(masks) if self.penalty else loss
-        subsets = sample_subsets(self.rho, len(src), self.rng)
+        subsets = sample_subsets(self.rho, len(src), self.rng, self.min_rows)
+        self.stats.add(self.rho, subsets)
         with torch.no_grad():
             teacher_masks = self.teacher.masks(s)
             teacher_logits, _ = past_task_logits(self.teacher, teacher_masks, src, subsets)
@@ -186,12 +193,65 @@ class TaskNStep:
         return loss
 
 
+# ------------------------------------------------------------------------ diagnostics
+
+class RetentionStats:
+    """Per past task, over one epoch's steps: the rho each step used and the rows it labelled."""
+
+    def __init__(self, past_tasks: int):
+        self.past_tasks = past_tasks
+        self.reset()
+
+    def reset(self) -> None:
+        self.rho_sum, self.rows_sum, self.steps = np.zeros(self.past_tasks), np.zeros(self.past_tasks), 0
+
+    def add(self, rho: np.ndarray, subsets: list[np.ndarray]) -> None:
+        self.rho_sum += rho
+        self.rows_sum += [len(sub) for sub in subsets]
+        self.steps += 1
+
+    def pop(self) -> dict[str, list[float]]:
+        """Means over the steps since the last call (rho_mean, retention_rows_mean), then reset."""
+        n = max(self.steps, 1)
+        out = {"rho_mean": (self.rho_sum / n).round(6).tolist(),
+               "retention_rows_mean": (self.rows_sum / n).round(3).tolist()}
+        self.reset()
+        return out
+
+
+@torch.no_grad()
+def mask_diagnostics(model: NextItNet, smax: float) -> dict[str, list[float]]:
+    """Per task, the share of mask channels (all masked layers) below 0.5 at s = smax."""
+    if not model.masked:
+        return {"mask_share_below_half": [0.0] * model.num_tasks}
+    masks = model.masks(smax)
+    return {"mask_share_below_half": (masks < 0.5).double().mean(dim=(1, 2)).cpu().round(decimals=6).tolist()}
+
+
+def epoch_diagnostics(model: NextItNet, step, s_used: list[float], smax: float) -> dict:
+    """eq. 19's range of s this epoch, rho and retention rows per past task, mask sparsity."""
+    out = {"s_min": min(s_used, default=0.0), "s_max": max(s_used, default=0.0), "steps": len(s_used)}
+    stats = getattr(step, "stats", None)
+    if stats is not None and stats.past_tasks:
+        out.update(stats.pop(), rho_end=np.round(step.rho, 6).tolist())
+    return {**out, **mask_diagnostics(model, smax)}
+
+
+def _fmt_diagnostics(d: dict) -> str:
+    parts = [f"s {d['s_min']:.3g}..{d['s_max']:.3g} over {d['steps']} steps"]
+    if "rho_mean" in d:
+        parts.append("rho " + "/".join(f"{r:.3f}" for r in d["rho_mean"]))
+        parts.append("retention rows " + "/".join(f"{r:.1f}" for r in d["retention_rows_mean"]))
+    parts.append("mask<0.5 " + "/".join(f"{m:.2f}" for m in d["mask_share_below_half"]))
+    return ", ".join(parts)
+
+
 # ------------------------------------------------------------------------- the loop
 
 def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, device: torch.device,
           save, hooks=None, epochs: int | None = None, summary: dict | None = None,
           phase: str = "train") -> dict:
-    """Epochs with annealed s, early stopping on validation hit@1 (SPEC 6); `save(summary)`
+    """Epochs with annealed s, early stopping on validation `--select_by` (SPEC 6: hit@1); `save(summary)`
     writes the checkpoint at the first epoch and at every improvement. `hooks.before_step(s)`
     and `hooks.after_step()` surround each optimiser step (HAT, CONURE); a second `phase`
     (CONURE's retraining) continues `summary`."""
@@ -203,13 +263,14 @@ def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, d
     summary = summary or {"epochs": [], "best_epoch": None, "valid": None, "test": None, "finished": False}
     best, bad_epochs, skipped = -math.inf, 0, 0
     for epoch in range(len(summary["epochs"]) + 1, len(summary["epochs"]) + 1 + (epochs or args.epochs)):
-        start, total, count = time.time(), 0.0, 0
+        start, total, count, s_used = time.time(), 0.0, 0, []
         model.train()
         bar = tqdm(dl.batches(train_idx, args.batch, rng), total=math.ceil(batches_per_epoch),
                    desc=f"task {data.task} epoch {epoch}", leave=False, disable=args.quiet)
         for b, batch in enumerate(bar):
             src, tgt = data.batch(batch, device)
             s = anneal_s(b, batches_per_epoch, args.smax)
+            s_used.append(s)
             with autocast(device, args.amp):
                 loss = step.loss(src, tgt, s)
             optimizer.zero_grad(set_to_none=True)
@@ -225,13 +286,19 @@ def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, d
                 skipped += 1
             model.task_masks.clamp_()
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        if count == 0:
+            raise UserError(f"task {data.task} epoch {epoch}: every step had a non-finite loss (NaN or inf); "
+                            "nothing was learned and no checkpoint is written (lower --lr or --alpha)")
+        check_finite_model(model, f"task {data.task} epoch {epoch}")
         valid = evaluate(model, data, "valid", args.smax, device, args.eval_batch, args.amp, head)
+        diagnostics = epoch_diagnostics(model, step, s_used, args.smax)
         record = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), "valid": valid,
-                  "seconds": round(time.time() - start, 2), "skipped_steps": skipped}
+                  "seconds": round(time.time() - start, 2), "skipped_steps": skipped, "diagnostics": diagnostics}
         summary["epochs"].append(record)
-        improved = valid["hit@1"] > best
+        chosen = valid.get(args.select_by, valid["hit@1"])  # classification tasks have hit@1 only
+        improved = chosen > best
         if improved:
-            best, bad_epochs = valid["hit@1"], 0
+            best, bad_epochs = chosen, 0
             summary.update(best_epoch=epoch, valid=valid,
                            test=evaluate(model, data, "test", args.smax, device, args.eval_batch, args.amp, head))
             save(summary)
@@ -239,6 +306,7 @@ def train(model: NextItNet, step, data: dl.TaskData, args: argparse.Namespace, d
             bad_epochs += 1
         log.info("task %d %s epoch %d  loss %.4f  valid %s  %s%.1fs", data.task, phase, epoch, record["train_loss"],
                  _fmt(valid), "* " if improved else "", record["seconds"])
+        log.info("task %d %s epoch %d  %s", data.task, phase, epoch, _fmt_diagnostics(diagnostics))
         save(summary, checkpoint=False)
         if bad_epochs >= args.patience:
             log.info("task %d: no improvement for %d epochs, stopping", data.task, args.patience)
@@ -269,17 +337,24 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
     p.add_argument("--paths", help="checkpoint of the previous task (default: the previous task's "
                    "--savepath default); task >= 2 only")
     p.add_argument("--epochs", type=int, help="maximum epochs (default 10 for task 1, 100 otherwise)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3 for task 1, 1e-4 otherwise)")
+    p.add_argument("--lr", type=finite_float("--lr", positive=True), help="Adam learning rate (default 1e-3 for task 1, 1e-4 otherwise)")
     p.add_argument("--batch", type=int, help="training batch size (default 32 for task 1, 1024 otherwise)")
     p.add_argument("--eval_batch", type=int, default=1024, help="evaluation batch size (default %(default)s)")
-    p.add_argument("--smax", type=float, default=50.0, help="largest annealing scale s (eq. 19; default %(default)s)")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="weight of the knowledge-retention loss (eq. 18); "
+    p.add_argument("--smax", type=finite_float("--smax", positive=True), default=50.0, help="largest annealing scale s (eq. 19; default %(default)s)")
+    p.add_argument("--alpha", type=finite_float("--alpha", nonnegative=True), default=ALPHA, help="weight of the knowledge-retention loss (eq. 18); "
                    "task >= 2 only (default %(default)s)")
-    p.add_argument("--mask_reg", type=float, default=0.75, help="weight of the mean-of-masks term in "
+    p.add_argument("--mask_reg", type=finite_float("--mask_reg", nonnegative=True), default=0.75, help="weight of the mean-of-masks term in "
                    "the task-1 loss (the authors' scripts use 0.75; 0 turns it off); task 1 only (default %(default)s)")
-    p.add_argument("--patience", type=int, default=5, help="epochs without a better validation hit@1 "
+    p.add_argument("--min_retention_rows", type=int, default=0, help="deviation from the paper, off by "
+                   "default: label at least this many rows per past task (floor(rho_i * B) is 0 for small "
+                   "batches once rho is small); task >= 2 only (default %(default)s)")
+    p.add_argument("--select_by", choices=("hit@1", "mrr@5"), default="hit@1", help="validation metric of "
+                   "early stopping and model selection: hit@1 as the paper, or mrr@5 (ranking tasks only; "
+                   "steadier on small validation splits; classification tasks always use hit@1 = accuracy) "
+                   "(default %(default)s)")
+    p.add_argument("--patience", type=int, default=5, help="epochs without a better validation metric "
                    "before stopping (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the batches (default %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the split, the initialisation and the batches (default %(default)s)")
     p.add_argument("--split_by", choices=("example", "source"), default="example",
                    help="'example': split after expanding multi-target lines (the authors' way); "
                    "'source': all targets of one source line in one split (default %(default)s)")
@@ -293,12 +368,14 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
     p.add_argument("--dilations", type=int, nargs="+", default=list(DILATIONS), help="task 1 only: one "
                    "residual block per dilation d (convs d and 2d); later tasks take the checkpoint's "
                    "(default %(default)s)")
-    p.add_argument("--prune_ratio", type=float, default=0.7, help="conure: share of a task's free conv "
+    p.add_argument("--prune_ratio", type=finite_float("--prune_ratio"), default=0.7, help="conure: share of a task's free conv "
                    "weights pruned after it (default %(default)s)")
     p.add_argument("--retrain_epochs", type=int, default=10, help="conure: maximum epochs of retraining "
                    "after pruning (default %(default)s)")
     p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast for training "
                    "and evaluation (CUDA, and CPUs with AMX); default %(default)s")
+    p.add_argument("--accept_unfinished", action="store_true", help="start from a --paths checkpoint whose "
+                   "run did not finish (its PREFIX.json says finished: false)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -315,8 +392,8 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
     for flag in ("epochs", "batch", "eval_batch", "patience", "retrain_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if not (args.lr > 0 and args.smax > 0 and args.alpha >= 0 and args.mask_reg >= 0):
-        raise UserError("--lr and --smax must be positive, --alpha and --mask_reg non-negative")
+    if args.min_retention_rows < 0:
+        raise UserError(f"--min_retention_rows {args.min_retention_rows}: must be at least 0")
     if args.channels < 1 or min(args.dilations) < 1:
         raise UserError("--channels and --dilations must be positive")
     if not 0 <= args.prune_ratio < 1:
@@ -353,6 +430,7 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
 def load_previous(args: argparse.Namespace, task: int) -> tuple[dict, np.ndarray]:
     """The task n-1 checkpoint and the item index, checked against each other and the method."""
     prev = load_checkpoint(args.paths)
+    require_finished(args.paths, args.accept_unfinished)
     if len(prev["tasks"]) != task - 1:
         raise UserError(f"{args.paths}: checkpoint knows {len(prev['tasks'])} task(s); "
                         f"task {task} needs the checkpoint of task {task - 1}")
@@ -372,6 +450,13 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     set_seed(args.seed)
     task, method = args.task, args.method
     ckpt_out, summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
+    outputs = {"--savepath": [ckpt_out, summary_out]}
+    if task == 1:
+        outputs["--datapath_index"] = args.datapath_index
+    inputs = {"--datapath": args.datapath}
+    if task > 1:
+        inputs.update({"--paths": [args.paths, summary_path(args.paths)], "--datapath_index": args.datapath_index})
+    check_outputs(outputs, inputs)  # before any training: never write over an input, never fail late
 
     prev, teacher, extras = None, None, {}
     if task == 1:
@@ -409,7 +494,7 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
         step = Task1Step(model, args.mask_reg)
     else:
         step = TaskNStep(model, teacher, args.alpha, np.random.default_rng([args.seed, 1]),
-                         penalty=hat.penalty if hat else None)
+                         penalty=hat.penalty if hat else None, min_rows=args.min_retention_rows)
     log.info("task %d (%s), method %s: %s, %d classes (%s), split train/valid/test %d/%d/%d, device %s",
              task, data.name, method, data.path, data.num_classes, data.kind, n["train"], n["valid"], n["test"],
              device)

@@ -98,6 +98,15 @@ def seed_type(flag: str = "--seed") -> Callable[[str], int]:
 seed_int = seed_type("--seed")
 
 
+def positive_int(flag: str) -> Callable[[str], int]:
+    """argparse `type` for a count that must be at least 1, or a UserError naming `flag`."""
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"\s*\+?\d{1,18}\s*", text) or int(text) < 1:
+            raise UserError(f"{flag} {clip(text)}: must be an integer of at least 1")
+        return int(text)
+    return parse
+
+
 # ---------------------------------------------------------------------------------- files
 
 def _stale_temp_files(path: Path) -> list[Path]:

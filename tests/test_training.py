@@ -15,6 +15,7 @@ import helpers  # noqa: F401  (puts the repository root on sys.path)
 import data_loader as dl
 import teracon
 from nextitnet import NextItNet
+from utils import UserError
 from teracon import (TaskNStep, anneal_s, evaluate, knowledge_retention_loss, past_task_logits,
                      sample_subsets, update_rho)
 
@@ -54,7 +55,7 @@ def make_taskdata(task: int, n_examples: int, num_classes: int, seed: int = 0) -
 
 def train_args(**kw) -> argparse.Namespace:
     base = dict(lr=1e-3, seed=0, batch=32, epochs=1, smax=50.0, quiet=True, eval_batch=64, patience=5,
-                amp="fp32")
+                amp="fp32", select_by="hit@1")
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -352,19 +353,21 @@ class NanStep:
 
 
 def test_non_finite_loss_skips_step_but_clamps():
-    """A non-finite loss: no optimiser step (all weights unchanged), the clamp still runs,
-    and the skipped steps are counted."""
+    """A non-finite loss: no optimiser step (all weights unchanged), the clamp still runs; an
+    epoch whose every step was skipped is an error, never a checkpoint."""
     model = tiny_model([N_ITEMS, 4])
     with torch.no_grad():
         model.task_masks.task_embedding[0, 0, :4] = torch.tensor([9.0, -8.0, 6.5, -100.0])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = make_taskdata(2, 60, 4)
     step = NanStep(model)
-    summary = teracon.train(model, step, data, train_args(epochs=1, batch=16), torch.device("cpu"),
-                            lambda summary, checkpoint=True: None)
+    saved = []
+    with pytest.raises(UserError, match="task 2 epoch 1: every step had a non-finite loss"):
+        teracon.train(model, step, data, train_args(epochs=1, batch=16), torch.device("cpu"),
+                      lambda summary, checkpoint=True: saved.append(checkpoint))
+    assert saved == []
     n_batches = math.ceil(len(data.splits["train"]) / 16)
     assert step.calls == n_batches
-    assert summary["epochs"][0]["skipped_steps"] == n_batches
     after = model.state_dict()
     for k, v in before.items():
         if k == "task_masks.task_embedding":
