@@ -21,10 +21,13 @@ EMB_CLAMP = 6.0         # |e_t| <= 6 after every step
 
 
 class CausalConv1d(nn.Conv1d):
-    """Dilated causal convolution on [B, L, C]: left zero-padding (k-1)*d, one GEMM over taps.
+    """Dilated causal convolution on [B, L, C]: left zero-padding (k-1)*d, one `F.conv1d`.
 
-    `owner` (CONURE only) records which task owns each weight (0 = free); serving task t
-    then uses the free weights and those of tasks <= t.
+    The input is read through a transposed view [B, C, L] and the output is returned as one,
+    so no copy of the k taps ([B, L, kC], the im2col of a GEMM formulation) is built or kept
+    for backward: the convolution saves only its padded input. `owner` (CONURE only) records
+    which task owns each weight (0 = free); serving task t then uses the free weights and
+    those of tasks <= t.
     """
     owner: torch.Tensor | None
     serving: int
@@ -36,14 +39,11 @@ class CausalConv1d(nn.Conv1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, d = self.kernel_size[0], self.dilation[0]
-        length = x.shape[1]
-        xp = F.pad(x, (0, 0, (k - 1) * d, 0))
-        taps = torch.cat([xp[:, j * d: j * d + length] for j in range(k)], dim=-1)  # [B, L, kC]
         weight = self.weight
         if self.owner is not None:
             weight = weight * (self.owner <= self.serving)
-        weight = weight.permute(0, 2, 1).reshape(self.out_channels, -1)             # [C, kC]
-        return F.linear(taps, weight, self.bias)
+        xp = F.pad(x.transpose(1, 2), ((k - 1) * d, 0))                    # [B, C, (k-1)d + L]
+        return F.conv1d(xp, weight, self.bias, dilation=d).transpose(1, 2)  # [B, L, C_out]
 
 
 class ResidualBlock(nn.Module):

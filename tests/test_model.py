@@ -140,6 +140,75 @@ def test_causal_conv_equals_left_padded_conv1d(dilation, kernel):
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def _conv_reference(x, weight, bias, dilation):
+    """F.conv1d on [B, C, L] left-padded with (k-1)*d zeros, back to [B, L, C]."""
+    k = weight.shape[-1]
+    return F.conv1d(F.pad(x.transpose(1, 2), ((k - 1) * dilation, 0)), weight, bias,
+                    dilation=dilation).transpose(1, 2)
+
+
+def _taps_gemm_reference(x, weight, bias, dilation):
+    """The earlier formulation: the k shifted copies of x side by side, one GEMM."""
+    k, length = weight.shape[-1], x.shape[1]
+    xp = F.pad(x, (0, 0, (k - 1) * dilation, 0))
+    taps = torch.cat([xp[:, j * dilation: j * dilation + length] for j in range(k)], dim=-1)
+    return F.linear(taps, weight.permute(0, 2, 1).reshape(weight.shape[0], -1), bias)
+
+
+@pytest.mark.parametrize("length", [3, 11])
+@pytest.mark.parametrize("dilation", [1, 2, 4, 8])
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_causal_conv_float64_values_and_gradients(kernel, dilation, length):
+    """float64: output and gradients (input, weight, bias) equal both references within 1e-6
+    relative, also when the padding is longer than the sequence."""
+    torch.manual_seed(2)
+    conv = CausalConv1d(5, 6, kernel, dilation=dilation).double()
+    x = torch.randn(4, length, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, length, 6, dtype=torch.float64)
+    got = conv(x)
+    grads = torch.autograd.grad(got, (x, conv.weight, conv.bias), g)
+    for reference in (_conv_reference, _taps_gemm_reference):
+        w = conv.weight.detach().clone().requires_grad_()
+        b = conv.bias.detach().clone().requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        ref = reference(xr, w, b, dilation)
+        ref_grads = torch.autograd.grad(ref, (xr, w, b), g)
+        assert got.shape == ref.shape == (4, length, 6)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-12)
+        for a, r in zip(grads, ref_grads):
+            torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-12)
+
+
+def test_causal_conv_owner_masks_weights_of_later_tasks():
+    """CONURE: serving task t uses free weights (owner 0) and those of tasks <= t; the weights
+    of later tasks neither contribute nor receive gradient."""
+    torch.manual_seed(3)
+    conv = CausalConv1d(4, 4, 3, dilation=2, owned=True).double()
+    assert conv.owner.dtype == torch.int16 and conv.owner.shape == conv.weight.shape
+    conv.owner.copy_(torch.randint(0, 4, conv.weight.shape, dtype=torch.int16))
+    x = torch.randn(2, 7, 4, dtype=torch.float64)
+    for task in range(4):
+        conv.serving = task
+        conv.weight.grad = None
+        out = conv(x)
+        keep = (conv.owner <= task).double()
+        ref = _conv_reference(x, conv.weight.detach() * keep, conv.bias.detach(), 2)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-12)
+        out.sum().backward()
+        assert torch.all(conv.weight.grad[conv.owner > task] == 0)
+        assert torch.all(conv.weight.grad[conv.owner <= task] != 0)
+
+
+def test_causal_conv_bf16_autocast_close_to_fp32():
+    torch.manual_seed(4)
+    conv = CausalConv1d(16, 16, 3, dilation=4)
+    x = torch.randn(3, 20, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = conv(x)
+    assert low.dtype == torch.bfloat16 and low.shape == (3, 20, 16)
+    torch.testing.assert_close(low.float(), conv(x), rtol=0.05, atol=0.05)
+
+
 def test_encode_is_causal():
     """The hidden state at position p depends on items 0..p only (and does depend on item p)."""
     model = tiny_model()
