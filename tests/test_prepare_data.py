@@ -29,7 +29,8 @@ def lines(path: Path) -> list[str]:
 def check_manifest(manifest_path: Path) -> dict:
     """The manifest's num_classes/metric agree with the files; sources use only task-1 items."""
     m = json.loads(manifest_path.read_text())
-    assert set(m) == {"dataset", "protocol", "tasks"} and m["protocol"]
+    assert set(m) - {"version"} == {"dataset", "protocol", "tasks"} and m["protocol"]
+    assert m.get("version", "x") and isinstance(m.get("version", "x"), str)
     t1 = None
     for n, t in enumerate(m["tasks"], 1):
         assert set(t) == {"task", "name", "file", "num_classes", "metric"} and t["task"] == n
@@ -50,39 +51,119 @@ def check_manifest(manifest_path: Path) -> dict:
 
 # ------------------------------------------------------------------------------ ml-100k
 
-# (user_id, item_id, rating, timestamp); user 1 has a timestamp tie (items 13 and 12 at 200)
+# (user_id, item_id, rating, timestamp), deliberately not in time order.
 INTER = [
-    ("1", "11", "4", "100"), ("1", "13", "3", "200"), ("1", "12", "4", "200"),
-    ("1", "14", "2", "300"), ("1", "15", "4", "400"), ("1", "16", "4", "500"),
-    ("1", "17", "1", "600"), ("1", "20", "5", "900"), ("1", "18", "5", "700"),
-    ("1", "19", "3", "800"),
-    ("2", "21", "4", "1"), ("2", "11", "2", "2"), ("2", "22", "4", "3"),
-    ("3", "30", "5", "1"),                        # one rating: dropped
-    ("4", "12", "3", "5"), ("4", "11", "5", "6"),  # not in the user table: no profile tasks
+    # user 1, 10 ratings. Items 13 and 12 share timestamp 200 (the tie goes by item id: 12
+    # first); 19 is listed before 18 and 99 although it is the latest.
+    ("1", "11", "4", "100"), ("1", "13", "5", "200"), ("1", "12", "3", "200"),
+    ("1", "14", "2", "300"), ("1", "15", "4", "400"), ("1", "16", "1", "500"),
+    ("1", "17", "5", "600"), ("1", "19", "2", "900"), ("1", "18", "4", "700"),
+    ("1", "99", "5", "800"),
+    # user 2, 5 ratings
+    ("2", "21", "3", "10"), ("2", "18", "5", "20"), ("2", "11", "2", "30"),
+    ("2", "22", "4", "40"), ("2", "13", "3", "50"),
+    # user 3, 4 ratings
+    ("3", "23", "5", "5"), ("3", "16", "4", "6"), ("3", "13", "5", "7"), ("3", "24", "1", "8"),
+    # user 4, 1 rating: no history (floor(0.7) = 0), dropped; item 50 appears nowhere
+    ("4", "50", "5", "1"),
 ]
-USERS = [("1", "24", "M", "technician"), ("2", "17", "F", "none"), ("3", "60", "M", "writer")]
+# (item_id, release_year, class): classes are space-separated tokens as in RecBole's .item
+MOVIES_100K = [
+    ("11", "1994", "Comedy"), ("12", "1995", "Drama"), ("13", "1980", "Action Thriller"),
+    ("14", "1971", "Drama"), ("15", "1982", "Comedy"),
+    ("16", "", "Drama"),                     # no year (non-numeric): no decade
+    ("17", "1977", "Sci-Fi"), ("18", "1990", "Comedy Drama"),
+    ("19", "1996", "unknown"),               # only the genre 'unknown': no genre at all
+    ("21", "1993", "Drama"), ("22", "1994", "Thriller"), ("23", "1960", "Comedy"),
+    ("24", "1997", "Action"), ("50", "1950", "Drama"),
+    ("99", "1998", "Comedy Drama Thriller"),
+]
+SMALL_100K = pd_.Ml100kConfig(window=3, src_len=4, stride=2, targets=2, horizon=3)
 
+# Worked out by hand (like_min 4, the default).
+# Sorted per user (timestamp, then item id), history = first floor(0.7 n):
+#   user 1: 11 12 13 14 15 16 17 | 18 99 19   ratings 4 3 5 2 4 1 5 | 4 5 2   (h = 7)
+#   user 2: 21 18 11 | 22 13                  ratings 3 5 2 | 4 3           (h = 3)
+#   user 3: 23 16 | 13 24                     ratings 5 4 | 5 1             (h = 2)
+#   user 4: one rating, h = 0: dropped.
+# T1 watch, windows of 3 from the most recent: user 1 (7 items) -> 0,0,11 / 12,13,14 /
+#   15,16,17; user 2 -> 21,18,11; user 3 -> 0,23,16. T1 items: 11-18, 21, 23 (not 99, 19, 22,
+#   24, 50), so 99 is dropped from every source.
+# Cut points p = h, h+2, ... < n; source = last 4 T1 items of seq[:p], left-padded:
+#   user 1 p=7: source 14,15,16,17. Next 2: 18,99. Next 3 (horizon): 18(4) 99(5) 19(2) ->
+#       like 18,99. Genres of 18, 99, 19: Comedy 2, Drama 2, Thriller 1 ('unknown' ignored) ->
+#       tie Comedy/Drama -> Comedy. Movie p-1 = 17 (in T1): rated 5 -> liked 1; 1977 -> 1970.
+#   user 1 p=9: seq[:9] = 11..17 18 99 -> 99 dropped -> source 15,16,17,18. Next 2: only 19.
+#       Like: 19 rated 2 -> none, dropped. Genre: 19 has only 'unknown' -> none, dropped.
+#       Movie p-1 = 99 is not in T1 -> no liked, no decade.
+#   user 2 p=3: source 0,21,18,11. Next 2: 22,13. Like: 22(4) 13(3) -> 22. Genres of 22, 13:
+#       Thriller 2, Action 1 -> Thriller. Movie p-1 = 11: rated 2 -> liked 0; 1994 -> 1990.
+#   user 3 p=2: source 0,0,23,16. Next 2: 13,24. Like: 13(5) 24(1) -> 13. Genres of 13, 24:
+#       Action 2, Thriller 1 -> Action. Movie p-1 = 16: rated 4 (>= 4) -> liked 1; 16 has no
+#       year -> no decade.
+# Class ids: genre sorted [Action, Comedy, Thriller] -> 0, 1, 2; decade [1970, 1990] -> 0, 1.
 EXPECTED_100K = {
-    "watch": ["0,0,11", "12,13,14", "15,16,17", "0,21,11", "0,0,12"],
-    "next_watch": ["14,15,16,17,,18,19", "0,0,21,11,,22", "0,0,0,12,,11"],
-    "like": ["14,15,16,17,,18,20", "0,0,0,12,,11"],
-    "age": ["14,15,16,17,,1", "0,0,21,11,,0"],           # 24 -> 18-24 (1), 17 -> <18 (0)
-    "gender": ["14,15,16,17,,1", "0,0,21,11,,0"],        # F=0, M=1
-    "occupation": ["14,15,16,17,,1", "0,0,21,11,,0"],    # other(+none)=0, technician=1, writer=2
+    "watch": ["0,0,11", "12,13,14", "15,16,17", "21,18,11", "0,23,16"],
+    "next_watch": ["14,15,16,17,,18,99", "15,16,17,18,,19", "0,21,18,11,,22,13", "0,0,23,16,,13,24"],
+    "like": ["14,15,16,17,,18,99", "0,21,18,11,,22", "0,0,23,16,,13"],
+    "genre": ["14,15,16,17,,1", "0,21,18,11,,2", "0,0,23,16,,0"],
+    "liked": ["14,15,16,17,,1", "0,21,18,11,,0", "0,0,23,16,,1"],
+    "decade": ["14,15,16,17,,0", "0,21,18,11,,1"],
 }
+EXPECTED_100K_USERS = [3, 3, 3, 3, 3, 2]
+EXPECTED_100K_NAMES = {"genre": ["Action", "Comedy", "Thriller"], "decade": [1970, 1990]}
 
 
 def test_ml100k_protocol_exact_lines():
-    tasks = pd_.ml100k_tasks(INTER, USERS, window=3, src_len=4, targets=2)
-    assert [t.name for t in tasks] == list(EXPECTED_100K)
+    """ml-100k/2 on a hand-made table: time order with ties by item id, the 70% history, T1
+    windows, cut points every `stride` future movies, sources restricted to T1 items (99 is in
+    no history), next_watch/like/genre over the next targets/horizon movies, genre ties by name
+    with 'unknown' ignored, liked/decade only where movie p-1 is in T1 and has a year; users
+    with one rating are dropped. Every line and the class names are computed by hand above."""
+    tasks, names = pd_.ml100k_tasks(INTER, MOVIES_100K, SMALL_100K)
+    assert [t.name for t in tasks] == list(EXPECTED_100K) == list(pd_.ML100K_NAMES)
     for t in tasks:
         assert pd_.task_lines(t) == EXPECTED_100K[t.name], t.name
-    assert [t.users for t in tasks] == [3, 3, 2, 2, 2, 2]
+    assert [t.users for t in tasks] == EXPECTED_100K_USERS
+    assert names == EXPECTED_100K_NAMES
 
 
-def test_age_buckets():
-    assert [pd_.age_bucket(a) for a in (7, 17, 18, 24, 25, 34, 35, 44, 45, 49, 50, 55, 56, 73)] == \
-        [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+def test_ml100k_horizon_and_like_threshold():
+    """`horizon` bounds the movies T3 (like) and T4 (genre) look at, `like_min` is the rating
+    threshold of T3 and T5 (by hand from the table above). Horizon 1: user 1 p=7 looks at 18
+    only -> like 18; genre of 18 = Comedy/Drama tie -> Comedy (same class as before); user 3:
+    13 -> Action/Thriller tie -> Action. like_min 5: like keeps the 5s (99 for user 1 p=7, 13
+    for user 3; user 2 has none), liked is 1 only for a p-1 movie rated 5 (user 1's 17)."""
+    one = pd_.Ml100kConfig(window=3, src_len=4, stride=2, targets=2, horizon=1)
+    tasks, names = pd_.ml100k_tasks(INTER, MOVIES_100K, one)
+    got = {t.name: pd_.task_lines(t) for t in tasks}
+    assert got["like"] == ["14,15,16,17,,18", "0,21,18,11,,22", "0,0,23,16,,13"]
+    assert got["genre"] == EXPECTED_100K["genre"] and names["genre"] == ["Action", "Comedy", "Thriller"]
+    assert got["next_watch"] == EXPECTED_100K["next_watch"]  # targets, not horizon
+
+    five = pd_.Ml100kConfig(window=3, src_len=4, stride=2, targets=2, horizon=3, like_min=5)
+    got = {t.name: pd_.task_lines(t) for t in pd_.ml100k_tasks(INTER, MOVIES_100K, five)[0]}
+    assert got["like"] == ["14,15,16,17,,99", "0,0,23,16,,13"]
+    assert got["liked"] == ["14,15,16,17,,1", "0,21,18,11,,0", "0,0,23,16,,0"]
+
+
+def test_ml100k_movies_genres_and_decades():
+    """The .item rows: genre 'unknown' is left out, a non-numeric or empty year gives no
+    decade, years map to their decade; a non-integer item id is a UserError naming the line."""
+    genres, decades = pd_.ml100k_movies([("1", "1995", "Action unknown Drama"), ("2", "", "unknown"),
+                                         ("3", "n/a", "Comedy"), ("4", "1909", "Western")])
+    assert genres == {1: ["Action", "Drama"], 2: [], 3: ["Comedy"], 4: ["Western"]}
+    assert decades == {1: 1990, 4: 1900}
+    with pytest.raises(UserError, match="x.item: line 3: item id 'abc'"):
+        pd_.ml100k_movies([("1", "1995", "Drama"), ("abc", "1995", "Drama")], "x.item")
+
+
+def test_ml100k_too_small_is_a_user_error():
+    """Data where no cut point qualifies for a task (here: no user has two T1 items before a
+    cut point) is one UserError naming the task, not an empty file."""
+    inter = [("1", "1", "4", "1"), ("1", "2", "4", "2"), ("2", "3", "4", "1"), ("2", "4", "4", "2")]
+    with pytest.raises(UserError, match="task next_watch: no example qualifies"):
+        pd_.ml100k_tasks(inter, [], SMALL_100K)
 
 
 def test_windows_and_padding():
@@ -96,33 +177,60 @@ def _atomic(rows, header):
     return (header + "\n" + "".join("\t".join(r) + "\n" for r in rows)).encode()
 
 
-def _fake_wheel(path: Path, monkeypatch, inter: bytes, user: bytes) -> None:
+INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
+ITEM_HEADER = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"
+
+
+def _inter_bytes() -> bytes:
+    return _atomic(INTER, INTER_HEADER)
+
+
+def _item_bytes() -> bytes:
+    """The .item member in the wheel's column order (a title column between id and year)."""
+    return _atomic([(i, f"Movie {i}", y, c) for i, y, c in MOVIES_100K], ITEM_HEADER)
+
+
+def _fake_wheel(path: Path, monkeypatch, inter: bytes, item: bytes) -> None:
     """A stand-in for the RecBole wheel, with the pins patched to match it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    members = {key: member for key, (member, _) in pd_.ML100K_MEMBERS.items()}
+    assert set(members) == {"inter", "item"}
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr(pd_.ML100K_MEMBERS["inter"][0], inter)
-        z.writestr(pd_.ML100K_MEMBERS["user"][0], user)
+        z.writestr(members["inter"], inter)
+        z.writestr(members["item"], item)
     monkeypatch.setattr(pd_, "RECBOLE_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
     monkeypatch.setattr(pd_, "ML100K_MEMBERS", {
-        "inter": (pd_.ML100K_MEMBERS["inter"][0], hashlib.sha256(inter).hexdigest()),
-        "user": (pd_.ML100K_MEMBERS["user"][0], hashlib.sha256(user).hexdigest())})
+        "inter": (members["inter"], hashlib.sha256(inter).hexdigest()),
+        "item": (members["item"], hashlib.sha256(item).hexdigest())})
 
 
 def test_ml100k_from_cached_wheel(tmp_path, monkeypatch):
-    inter = _atomic(INTER, "user_id:token\titem_id:token\trating:float\ttimestamp:float")
-    user = _atomic([r + ("00000",) for r in USERS],
-                   "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token")
-    _fake_wheel(tmp_path / "cache" / pd_.RECBOLE_WHEEL, monkeypatch, inter, user)
-    manifest = pd_.main(["ml-100k", "--cache", str(tmp_path / "cache"), "--out",
-                         str(tmp_path / "out"), "--window", "3", "--src_len", "4", "--targets", "2"])
+    """`prepare_data.py ml-100k` on a cached wheel holding RecBole-format .inter and .item
+    members: the files equal the hand-worked lines (the CLI's default horizon 10 sees the same
+    movies, every future here is shorter), the manifest records version ml-100k/2, and
+    num_classes/metric/stats agree with the files."""
+    _fake_wheel(tmp_path / "cache" / pd_.RECBOLE_WHEEL, monkeypatch, _inter_bytes(), _item_bytes())
+    manifest = pd_.main(["ml-100k", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                         "--window", "3", "--src_len", "4", "--stride", "2", "--targets", "2"])
     m = check_manifest(manifest)
-    assert m["dataset"] == "ml-100k"
+    assert m["dataset"] == "ml-100k" and m["version"] == "ml-100k/2" == pd_.ML100K_VERSION
+    assert json.loads(manifest.read_text())["version"] == "ml-100k/2"
+    assert [t["name"] for t in m["tasks"]] == list(EXPECTED_100K)
     for t in m["tasks"]:
-        assert lines(manifest.parent / t["file"]) == EXPECTED_100K[t["name"]]
-    assert [t["num_classes"] for t in m["tasks"]] == [9, 4, 3, 2, 2, 2]
+        assert lines(manifest.parent / t["file"]) == EXPECTED_100K[t["name"]], t["name"]
+    # T1: 10 items + padding; next_watch targets 18 99 19 22 13 24; like 18 99 22 13
+    assert [t["num_classes"] for t in m["tasks"]] == [11, 6, 4, 3, 2, 2]
+    assert [t["metric"] for t in m["tasks"]] == ["accuracy"] * 6
+    assert "['Action', 'Comedy', 'Thriller']" in m["protocol"] and "[1970, 1990]" in m["protocol"]
+    assert m["protocol"].startswith("ml-100k/2")
+    stats = (tmp_path / "out" / "stats.md").read_text()
+    # next_watch: 3 users, 4 lines, 2+1+2+2 = 7 examples; decade: 2 users, 2 lines, 2 examples
+    assert "| 2 | next_watch | 3 | 4 | 7 |" in stats and "| 6 | decade | 2 | 2 | 2 |" in stats
 
 
 def test_ml100k_corrupt_wheel(tmp_path, monkeypatch):
+    """A wheel that fails its sha256 pin, then one that passes it but is no zip: each a
+    UserError, and no output folder is created."""
     wheel = tmp_path / pd_.RECBOLE_WHEEL
     wheel.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(UserError, match="sha256"):
@@ -133,12 +241,22 @@ def test_ml100k_corrupt_wheel(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_ml100k_member_checksum(tmp_path, monkeypatch):
-    inter = _atomic(INTER, "user_id:token\titem_id:token\trating:float\ttimestamp:float")
-    user = _atomic(USERS, "user_id:token\tage:token\tgender:token\toccupation:token")
-    _fake_wheel(tmp_path / pd_.RECBOLE_WHEEL, monkeypatch, inter, user)
-    monkeypatch.setitem(pd_.ML100K_MEMBERS, "user", (pd_.ML100K_MEMBERS["user"][0], "0" * 64))
-    with pytest.raises(UserError, match="pinned sha256"):
+@pytest.mark.parametrize("key", ["inter", "item"])
+def test_ml100k_member_checksum(tmp_path, monkeypatch, key):
+    """Each member (.inter and .item) is checked against its own pinned sha256 even when the
+    wheel's pin matches; a mismatch is a UserError and nothing is written."""
+    _fake_wheel(tmp_path / pd_.RECBOLE_WHEEL, monkeypatch, _inter_bytes(), _item_bytes())
+    monkeypatch.setitem(pd_.ML100K_MEMBERS, key, (pd_.ML100K_MEMBERS[key][0], "0" * 64))
+    with pytest.raises(UserError, match=f"member {pd_.ML100K_MEMBERS[key][0]} does not match its pinned sha256"):
+        pd_.prepare_ml100k(tmp_path / "out", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ml100k_item_member_without_class_column(tmp_path, monkeypatch):
+    """An .item member whose header lacks `class` is a UserError naming the member."""
+    item = _atomic([(i, y) for i, y, _ in MOVIES_100K], "item_id:token\trelease_year:token")
+    _fake_wheel(tmp_path / pd_.RECBOLE_WHEEL, monkeypatch, _inter_bytes(), item)
+    with pytest.raises(UserError, match=r"ml-100k\.item: header lacks column\(s\) class"):
         pd_.prepare_ml100k(tmp_path / "out", tmp_path)
 
 
@@ -154,10 +272,14 @@ def test_atomic_header_and_fields():
 @pytest.mark.skipif(os.environ.get("TERACON_NETWORK_TESTS") != "1",
                     reason="set TERACON_NETWORK_TESTS=1 to download the recbole wheel")
 def test_ml100k_real_download(tmp_path):
+    """The real wheel: both pinned members read, six ml-100k/2 tasks, T2/T3 ranking and T4-T6
+    classification, every source item in T1."""
     manifest = pd_.prepare_ml100k(tmp_path / "out", tmp_path / "cache")
     m = check_manifest(manifest)
-    assert [t["name"] for t in m["tasks"]] == list(EXPECTED_100K)
-    assert [t["num_classes"] for t in m["tasks"]][3:] == [7, 2, 20]
+    assert m["version"] == "ml-100k/2"
+    assert [t["name"] for t in m["tasks"]] == list(pd_.ML100K_NAMES)
+    assert [t["metric"] for t in m["tasks"]] == ["ranking"] * 3 + ["accuracy"] * 3
+    assert m["tasks"][4]["num_classes"] == 2  # liked: yes / no
 
 
 # ------------------------------------------------------------------------------- ml-25m
