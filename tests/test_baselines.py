@@ -441,23 +441,28 @@ def _files(folder: Path) -> dict[str, tuple[str, int]]:
 
 
 def test_reproduce_table_two_methods_two_seeds_and_skips_when_done(tmp_path, monkeypatch, caplog):
-    """reproduce.py --methods teracon fineall --seeds 0 1 --max_epochs 1 on a 3-task synthetic
-    data set: every (method, seed, task) stage runs once with its method, seed and previous
-    checkpoint; table.md and table.csv have one row per method x task x reported metric (ranking:
-    mrr@5, ndcg@5, hr@5; classification: accuracy), every numeric cell is a number, the CSV has
-    per-seed columns that match each seed's final evaluation, and its mean/std columns match them.
-    A second call without --force runs no stage, logs every stage as skipped, rewrites no run
-    file and gives the same table."""
+    """reproduce.py --methods teracon fineall --seeds 0 1 --max_epochs 1 --no_plots on a 3-task
+    synthetic data set: every (method, seed, task) stage runs once, in order, with its method,
+    seed and previous checkpoint; each method/seed gets a matrix.json (method, seed, version,
+    `after` = the evaluation rows of task1.pt..task3.pt, `reference` = test rows of every task);
+    table.md, table.csv and the returned rows start with the reference rows of every task, then
+    one row per method x task x reported metric (ranking: mrr@5, ndcg@5, hr@5; classification:
+    accuracy); every numeric cell is a number; the CSV's per-seed columns equal matrix.json
+    (after_task = R[j][j], after_last = R[T][j], the reference's test value for both) and its
+    mean/std columns match them; summary.md/csv and reference_check.csv are written. A second
+    call without --force runs no stage, logs every stage as skipped, rewrites no run file (no
+    matrix.json either) and gives the same outputs."""
     manifest_path = prepare_data.make_synthetic(tmp_path / "data", users=40, items=40, seq_len=6,
                                                 num_tasks=3, seed=0)
     manifest = reproduce.dl.load_manifest(str(manifest_path))
     kinds = {int(t["task"]): t["metric"] for t in manifest["tasks"]}
+    names = {int(t["task"]): t["name"] for t in manifest["tasks"]}
     assert kinds[1] == "ranking" and "accuracy" in kinds.values()  # both row shapes are exercised
     calls: list[list[str]] = []
     monkeypatch.setattr(reproduce, "subprocess", types.SimpleNamespace(run=_in_process_runner(calls)))
     methods, seeds = ["teracon", "fineall"], [0, 1]
     argv = ["--dataset", str(manifest_path), "--methods", *methods, "--seeds", "0", "1",
-            "--max_epochs", "1", "--out", str(tmp_path / "results"), "--device", "cpu"]
+            "--max_epochs", "1", "--out", str(tmp_path / "results"), "--device", "cpu", "--no_plots"]
     rows = reproduce.main(argv)
 
     out = tmp_path / "results" / "synthetic"
@@ -475,8 +480,27 @@ def test_reproduce_table_two_methods_two_seeds_and_skips_when_done(tmp_path, mon
             assert Path(_flag(call, "--paths")) == prefix / f"task{task - 1}.pt"
         assert load_checkpoint(prefix / f"task{task}.pt")["method"] == method
 
-    expected = [(m, t, metric) for m in methods for t in (1, 2, 3) for metric in EXPECTED_METRICS[kinds[t]]]
+    # matrix.json: the evaluation of every checkpoint, and the reference on the same split
+    matrix = {(m, s): reproduce.read_json(out / m / f"seed{s}" / "matrix.json") for m in methods for s in seeds}
+    for (method, seed), mx in matrix.items():
+        assert set(mx) == {"method", "seed", "version", "after", "reference"}
+        assert (mx["method"], mx["seed"], mx["version"]) == (method, seed, manifest.get("version"))
+        assert [[r["task"] for r in rows_i] for rows_i in mx["after"]] == [[1], [1, 2], [1, 2, 3]]
+        assert all(r["method"] == method for rows_i in mx["after"] for r in rows_i)
+        assert [(r["task"], r["name"], r["metric"]) for r in mx["reference"]] == \
+            [(t, names[t], kinds[t]) for t in (1, 2, 3)]
+        for t in (1, 2, 3):
+            # R[t][t] is the checkpoint's own test record of task t, re-evaluated
+            diag = mx["after"][t - 1][t - 1]
+            for metric in EXPECTED_METRICS[kinds[t]]:
+                assert diag["now"][metric] == pytest.approx(diag["after_training"][metric], abs=1e-6)
+    for seed in seeds:  # the reference depends on the seed's split, not on the method
+        assert matrix["teracon", seed]["reference"] == matrix["fineall", seed]["reference"]
+
+    expected = [(m, t, metric) for m in ["reference", *methods] for t in (1, 2, 3)
+                for metric in EXPECTED_METRICS[kinds[t]]]
     assert [(r["method"], r["task"], r["metric"]) for r in rows] == expected
+    assert all(r["seeds"] == seeds and r["name"] == names[r["task"]] for r in rows)
 
     md = (out / "table.md").read_text().splitlines()
     body = [ln for ln in md if ln.startswith("|")][2:]  # after the header and the |---| line
@@ -489,27 +513,44 @@ def test_reproduce_table_two_methods_two_seeds_and_skips_when_done(tmp_path, mon
             assert m, line
             assert all(0.0 <= float(x) <= 1.0 for x in m.groups())
 
-    final = {(m, s): reproduce.read_json(out / m / f"seed{s}" / "final.json") for m in methods for s in seeds}
+    def want(method: str, seed: int, task: int, metric: str, phase: str) -> float:
+        mx = matrix["teracon" if method == "reference" else method, seed]
+        if method == "reference":
+            return mx["reference"][task - 1]["test"][metric]
+        checkpoint = task if phase == "after_task" else 3
+        return mx["after"][checkpoint - 1][task - 1]["now"][metric]
+
     table = list(csv.DictReader((out / "table.csv").read_text().splitlines()))
     assert len(table) == len(expected)
     header = list(table[0])
     for s in seeds:
         assert f"after_task_seed{s}" in header and f"after_last_seed{s}" in header
-    for row, (method, task, metric) in zip(table, expected):
+    for row, r, (method, task, metric) in zip(table, rows, expected):
         assert (row["method"], row["task"], row["metric"]) == (method, str(task), metric)
         for k, v in row.items():
             if k not in ("method", "task", "name", "metric"):
                 assert math.isfinite(float(v)), (k, v)
-        for phase, key in (("after_task", "after_training"), ("after_last", "now")):
+        for phase in ("after_task", "after_last"):
             per_seed = [float(row[f"{phase}_seed{s}"]) for s in seeds]
-            want = [final[method, s]["rows"][task - 1][key][metric] for s in seeds]
-            assert per_seed == pytest.approx(want, abs=1e-6)
-            assert float(row[f"{phase}_mean"]) == pytest.approx(statistics.fmean(want), abs=1e-6)
-            assert float(row[f"{phase}_std"]) == pytest.approx(statistics.stdev(want), abs=1e-6)
+            values = [want(method, s, task, metric, phase) for s in seeds]
+            assert per_seed == pytest.approx(values, abs=1e-6)
+            assert r[phase] == pytest.approx(values, abs=1e-12)
+            assert float(row[f"{phase}_mean"]) == pytest.approx(statistics.fmean(values), abs=1e-6)
+            assert float(row[f"{phase}_std"]) == pytest.approx(statistics.stdev(values), abs=1e-6)
 
-    # second call: nothing retrained, every stage reported as skipped, the same table
+    summary = list(csv.DictReader((out / "summary.csv").read_text().splitlines()))
+    assert [r["method"] for r in summary] == methods
+    assert {"avg_final_mean", "avg_final_std", "avg_forgetting_mean", "bwt_mean"} <= set(summary[0])
+    check = list(csv.DictReader((out / "reference_check.csv").read_text().splitlines()))
+    assert [int(r["task"]) for r in check] == [1, 2, 3]
+    text = (out / "summary.md").read_text()
+    assert all(f"| {m} |" in text for m in methods)
+    assert not list(out.rglob("*.png"))  # --no_plots
+
+    # second call: nothing retrained, every stage reported as skipped, the same outputs
     before = _files(out)
-    md_text, csv_text = (out / "table.md").read_text(), (out / "table.csv").read_text()
+    top = {p.name: p.read_text() for p in out.iterdir() if p.is_file()}
+    assert set(top) == {"table.md", "table.csv", "summary.md", "summary.csv", "reference_check.csv"}
     calls.clear()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="teracon"):
@@ -518,26 +559,37 @@ def test_reproduce_table_two_methods_two_seeds_and_skips_when_done(tmp_path, mon
     skipped = [r.getMessage() for r in caplog.records if "already done, skipped" in r.getMessage()]
     assert len(skipped) == len(methods) * len(seeds) * 3
     after = _files(out)
-    runs = [k for k in before if not k.startswith("table.")]
+    runs = [k for k in before if "/" in k]  # every file of a method/seed folder, matrix.json included
+    assert any(k.endswith("matrix.json") for k in runs)
     assert all(after[k] == before[k] for k in runs)
     assert rows2 == rows
-    assert (out / "table.md").read_text() == md_text and (out / "table.csv").read_text() == csv_text
+    assert {p.name: p.read_text() for p in out.iterdir() if p.is_file()} == top
 
 
 def test_reproduce_spawns_the_real_scripts(tmp_path):
     """The real path, one method and seed on a 2-task data set: reproduce spawns
     train_task1.py and train_teracon.py as subprocesses (conure: with --retrain_epochs capped),
-    and writes the final evaluation and the table."""
+    and writes matrix.json (both checkpoints evaluated, the reference) and the table, whose rows
+    are the reference's for every task, then conure's."""
     manifest_path = prepare_data.make_synthetic(tmp_path / "data", users=40, items=40, seq_len=6,
                                                 num_tasks=2, seed=1)
     rows = reproduce.main(["--dataset", str(manifest_path), "--methods", "conure", "--seeds", "3",
-                           "--max_epochs", "1", "--out", str(tmp_path / "results"), "--device", "cpu"])
+                           "--max_epochs", "1", "--out", str(tmp_path / "results"), "--device", "cpu",
+                           "--no_plots"])
     run = tmp_path / "results" / "synthetic" / "conure" / "seed3"
     for t in (1, 2):
         summary = reproduce.read_json(run / f"task{t}.json")
         assert summary["finished"] and summary["method"] == "conure" and summary["args"]["seed"] == 3
         assert [e["phase"] for e in summary["epochs"]] == ["train", "retrain"]
     kinds = [t["metric"] for t in reproduce.dl.load_manifest(str(manifest_path))["tasks"]]
-    assert [r["task"] for r in rows] == [t for t, k in enumerate(kinds, 1) for _ in EXPECTED_METRICS[k]]
-    assert (run / "final.json").is_file()
-    assert len((tmp_path / "results" / "synthetic" / "table.csv").read_text().splitlines()) == 1 + len(rows)
+    per_method = [t for t, k in enumerate(kinds, 1) for _ in EXPECTED_METRICS[k]]
+    assert [(r["method"], r["task"]) for r in rows] == \
+        [(m, t) for m in ("reference", "conure") for t in per_method]
+    mx = reproduce.read_json(run / "matrix.json")
+    assert (mx["method"], mx["seed"]) == ("conure", 3)
+    assert [len(a) for a in mx["after"]] == [1, 2] and [r["task"] for r in mx["reference"]] == [1, 2]
+    assert not (run / "final.json").exists()
+    out = tmp_path / "results" / "synthetic"
+    assert len((out / "table.csv").read_text().splitlines()) == 1 + len(rows)
+    for name in ("table.md", "summary.md", "summary.csv", "reference_check.csv"):
+        assert (out / name).is_file(), name
