@@ -37,10 +37,12 @@ untimed rounds, then `--repeats` timed ones; the median is reported, with min-ma
 
 Peak memory (unless `--no-memory`): every (case, variant) is run again in a fresh
 subprocess that imports torch, builds that variant's models and batch, records its resident
-set size (RSS), runs `--memory-steps` steps and reports the kernel's RSS high-water mark
-(`getrusage(RUSAGE_SELF).ru_maxrss`). `peak` is that whole-process high-water mark (Python,
-torch, models, optimizer state, activations); `step` is peak minus the RSS before the first
-step, i.e. what the step itself adds. The subprocesses run one at a time after the timing.
+set size (RSS), runs `--memory-steps` steps and reports the kernel's RSS high-water mark of
+that process (`VmHWM` in /proc/self/status; not `getrusage().ru_maxrss`, which Linux carries
+over from the parent across fork and exec and so would show the parent's peak). `peak` is
+that whole-process high-water mark (Python, torch, models, optimizer state, activations);
+`step` is peak minus the RSS before the first step, i.e. what the step itself adds. The
+subprocesses run one at a time after the timing.
 
 usage:
     python bench_authors.py --authors /tmp/teracon_authors --batch 1024 128 --amp fp32 bf16
@@ -288,6 +290,14 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _rss_high_water_bytes() -> int:
+    """This process's own RSS high-water mark (VmHWM; ru_maxrss would include the parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def memory_child(a) -> None:
     """In a fresh process: build one variant, run `--memory-steps` steps, print RSS figures."""
     case, batch, variant = a.memory_child
@@ -296,7 +306,7 @@ def memory_child(a) -> None:
     before = _rss_bytes()
     for _ in range(a.memory_steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _rss_high_water_bytes()
     print(json.dumps({"rss_before_step": before, "peak_rss": peak}))
 
 
@@ -352,6 +362,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         mem = r.get("memory", {})
+        mem = {"peak_rss": None, "step_rss": None} if "error" in mem else mem
         ratio = f"{r['ratio_authors_over_ours']:.2f}x" if "ratio_authors_over_ours" in r else ""
         lines.append(f"{r['case']:<22} {r['variant']:<10} {r['median_s']:>9.3f} "
                      f"{min(r['times']):>7.3f}-{max(r['times']):<7.3f} {1000 * r['median_s'] / r['batch']:>7.2f} "
@@ -401,8 +412,11 @@ def main(argv: list[str] | None = None) -> dict:
         for r in rows:
             r["memory"] = measure_memory(a, r["kind"], r["batch"], r["variant"])
     print(format_table(rows))
+    for r in rows:
+        if "error" in r.get("memory", {}):
+            print(f"memory of {r['case']} {r['variant']}: {r['memory']['error']}")
     if not a.no_memory:
-        print("peak: whole-process RSS high-water mark (ru_maxrss) of a fresh process that builds the models "
+        print("peak: whole-process RSS high-water mark (VmHWM) of a fresh process that builds the models "
               f"and runs {a.memory_steps} step(s); step: peak minus the RSS before the first step")
     out = {"meta": meta, "results": rows}
     if a.json:
