@@ -1,6 +1,6 @@
 """Throughput benchmark of TERACON's training steps and evaluation (issue #5).
 
-Times, with the project's own code (`NextItNet`, `Task1Step`, `TaskNStep`, `evaluate`):
+Times, with the project's own code (`NextItNet`, `Task1Step`, `RetentionStep`, `evaluate`):
 
 * task 1: one training step of `Task1Step` (next-item loss on every position through
   `next_item_loss`, chunked when the logits would be large) at batch `--batch1`;
@@ -11,7 +11,7 @@ Times, with the project's own code (`NextItNet`, `Task1Step`, `TaskNStep`, `eval
   items) and for the largest task n of `--tasks` (relation-aware masks, 1000-class head).
 
 One timed training step is what the training loop does per batch: `step.loss` under
-`teracon.autocast`, `backward`, `optimizer.step` (Adam), and the clamp of the task
+`trainer.autocast`, `backward`, `optimizer.step` (Adam), and the clamp of the task
 embeddings. Every case is timed `--repeats` times after `--warmup` untimed runs; the table
 shows the median (and the min-max spread, to judge noise: other processes may share the CPU,
 and with 2 OpenMP threads on 2 busy cores a step can take several times longer; `--threads`
@@ -67,7 +67,6 @@ import ctypes
 import gc
 import json
 import logging
-import math
 import platform
 import resource
 import statistics
@@ -80,9 +79,9 @@ import torch
 import torch.nn.functional as F
 
 import data_loader as dl
-import teracon
 from nextitnet import CHANNELS, DILATIONS, KERNEL, NextItNet
-from teracon import Task1Step, TaskNStep, autocast, evaluate
+from teracon import CE_CHUNK_ELEMENTS, RetentionStep, Task1Step, sample_subsets
+from trainer import autocast, evaluate, train_step
 from utils import atomic_write_text, resolve_device
 
 log = logging.getLogger("bench")
@@ -119,8 +118,8 @@ def task1_flops(batch: int, length: int, items: int, channels: int, kernel: int,
 
 
 def subset_size(rho: float, batch: int) -> int:
-    """Rows replayed for a past task, as `teracon.sample_subsets` draws them."""
-    return int(math.floor(rho * batch))
+    """Rows replayed for a past task, drawn by `teracon.sample_subsets` itself."""
+    return len(sample_subsets(np.array([rho]), batch, np.random.default_rng(0))[0])
 
 
 def taskn_flops(batch: int, length: int, items: int, task: int, rho: float, channels: int,
@@ -253,17 +252,21 @@ def matmul_reference(dtype: torch.dtype, device: torch.device, max_size: int, ch
 
 # ------------------------------------------------------------------------ the cases
 
-def _adam_step(model: NextItNet, optimizer: torch.optim.Optimizer, loss_fn, device: torch.device, amp: str):
-    """One batch of `teracon.train`: loss under autocast, backward, Adam, clamp."""
-    def run():
-        with autocast(device, amp):
-            loss = loss_fn()
-        optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            optimizer.step()
-        model.task_masks.clamp_()
-    return run
+class PinnedRho:
+    """A retention step whose sampling ratios are held at the benchmark's rho on every call."""
+
+    def __init__(self, step: RetentionStep, rho: np.ndarray):
+        self.step, self.rho = step, rho
+
+    def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
+        self.step.rho = self.rho.copy()
+        return self.step.loss(src, tgt, s)
+
+
+def training_step(model: NextItNet, step, optimizer: torch.optim.Optimizer, src: torch.Tensor, tgt: torch.Tensor,
+                  device: torch.device, amp: str):
+    """One batch exactly as `trainer.train` runs it (`trainer.train_step`), as a callable."""
+    return lambda: train_step(model, step, optimizer, src, tgt, S_TRAIN, device, amp)
 
 
 def case_task1(a, device: torch.device, items: int, length: int) -> dict:
@@ -273,11 +276,10 @@ def case_task1(a, device: torch.device, items: int, length: int) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.0)
     src = torch.randint(1, items, (a.batch1, length), device=device)
     tgt = torch.full((a.batch1,), -1, device=device)
-    run = _adam_step(model, optimizer, lambda: step.loss(src, tgt, S_TRAIN), device, a.amp)
+    run = training_step(model, step, optimizer, src, tgt, device, a.amp)
     times = time_calls(run, device, a.warmup, a.repeats)
     positions = a.batch1 * (length - 1)
-    chunk = getattr(teracon, "CE_CHUNK_ELEMENTS", None)  # next_item_loss's default chunk
-    chunk_rows = max(1, chunk // items) if chunk else positions
+    chunk_rows = max(1, CE_CHUNK_ELEMENTS // items)  # next_item_loss's default chunk
     return {"batch": a.batch1, "times": times,
             "flops": task1_flops(a.batch1, length, items, a.channels, KERNEL, len(DILATIONS)),
             "positions": positions, "ce_chunked": chunk_rows < positions,
@@ -292,17 +294,11 @@ def case_taskn(a, device: torch.device, items: int, length: int, task: int, rho:
     model = copy.deepcopy(teacher)
     model.add_task(OTHER_HEAD)
     teacher.eval().requires_grad_(False)
-    step = TaskNStep(model, teacher, alpha=0.7, rng=np.random.default_rng(0))
+    step = PinnedRho(RetentionStep(model, teacher, alpha=0.7, rng=np.random.default_rng(0)), np.full(task - 1, rho))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=0.0)
     src = torch.randint(1, items, (a.batchn, length), device=device)
     tgt = torch.randint(0, OTHER_HEAD, (a.batchn,), device=device)
-    pinned = np.full(task - 1, rho)
-
-    def loss():
-        step.rho = pinned.copy()
-        return step.loss(src, tgt, S_TRAIN)
-
-    run = _adam_step(model, optimizer, loss, device, a.amp)
+    run = training_step(model, step, optimizer, src, tgt, device, a.amp)
     times = time_calls(run, device, a.warmup, a.repeats)
     counts = taskn_flops(a.batchn, length, items, task, rho, a.channels, KERNEL, len(DILATIONS))
     return {"batch": a.batchn, "times": times, **counts,
@@ -362,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{PRESETS['quick']}")
     preset.add_argument("--paper", action="store_true", help=f"the paper's shapes: {PRESETS['paper']}")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="teracon.autocast precision")
+    p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="trainer.autocast precision")
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which cases to run")
     p.add_argument("--items", nargs="+", type=int, help="item counts (task-1 head size) [preset]")
     p.add_argument("--lengths", nargs="+", type=int, help="sequence lengths (file length; task 1 encodes L-1) [preset]")

@@ -22,13 +22,13 @@ What one step is, on both sides (random item ids; s = 25; Adam):
   between student and frozen teacher logits of every past task on its random subset of
   floor(rho * batch) rows, rho = `--rho` for every past task. Authors: the loop body of their
   train_teracon.py (one teacher and one student pass per past task, task 1 on the sequences
-  without their last item, then their `sample_ratio`). Ours: `teracon.TaskNStep` (its rho
+  without their last item, then their `sample_ratio`). Ours: `teracon.RetentionStep` (its rho
   pinned to `--rho` before every call, since it updates rho itself).
 * head sizes per task: items, 300, 200, 8, 2, 21, 10, ... (task 6's new head: 21 classes),
   the same on both sides.
 
-Ours runs the project's own training-loop body (`bench._adam_step`, as `teracon.train`:
-the loss under `teracon.autocast` for each `--amp`, zero_grad, backward, Adam, clamp of the
+Ours runs the project's own training-loop body (`trainer.train_step`, as `trainer.train`:
+the loss under `trainer.autocast` for each `--amp`, zero_grad, backward, Adam, clamp of the
 task embeddings). The authors' side is always fp32 (their code has no mixed precision).
 
 Timing: one round runs every variant once (authors, then ours per `--amp`; the order is
@@ -250,13 +250,13 @@ def ours_task1(a, batch: int, amp: str):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.0)
     src = torch.randint(1, a.items, (batch, a.length + 1))  # the step encodes src[:, :-1]
     tgt = torch.full((batch,), -1)
-    return bench._adam_step(model, opt, lambda: step.loss(src, tgt, S_TRAIN), device, amp)
+    return bench.training_step(model, step, opt, src, tgt, device, amp)
 
 
 def ours_taskn(a, batch: int, amp: str):
     import bench
     from nextitnet import NextItNet
-    from teracon import TaskNStep
+    from teracon import RetentionStep
     torch.manual_seed(0)
     device = torch.device("cpu")
     sizes = head_sizes(a.items, a.task)
@@ -264,16 +264,12 @@ def ours_taskn(a, batch: int, amp: str):
     model = copy.deepcopy(teacher)
     model.add_task(sizes[-1])
     teacher.eval().requires_grad_(False)
-    step = TaskNStep(model, teacher, alpha=ALPHA, rng=np.random.default_rng(0))
+    step = bench.PinnedRho(RetentionStep(model, teacher, alpha=ALPHA, rng=np.random.default_rng(0)),
+                           np.full(a.task - 1, a.rho))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=0.0)
     src = torch.randint(1, a.items, (batch, a.length))
     tgt = torch.randint(0, sizes[-1], (batch,))
-    pinned = np.full(a.task - 1, a.rho)
-
-    def loss():
-        step.rho = pinned.copy()
-        return step.loss(src, tgt, S_TRAIN)
-    return bench._adam_step(model, opt, loss, device, amp)
+    return bench.training_step(model, step, opt, src, tgt, device, amp)
 
 
 def make_step(a, mods: dict | None, case: str, batch: int, variant: str):

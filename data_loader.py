@@ -19,6 +19,11 @@ import torch
 from utils import UserError, atomic_write_json, metric_kind, quote, read_json, require_file
 
 DATA_ROOT = Path("Data")
+# TTL as the CONURE authors publish it, in TERACON's task order (SPEC 1): (task name, file name)
+TTL_TASKS = (("pretrain", "original_desen_pretrain.csv"), ("click", "original_desen_finetune_click_nouserID.csv"),
+             ("like", "original_desen_finetune_like_nouserID.csv"), ("age", "original_desen_age.csv"),
+             ("gender", "original_desen_gender.csv"), ("lifestatus", "original_desen_lifestatus.csv"))
+TTL_FILES = {n: file for n, (_, file) in enumerate(TTL_TASKS, 1)}
 _INT_ROW = re.compile(r"\d{1,18}(,\d{1,18})*")  # ids fit in int64
 
 

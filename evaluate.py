@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 import data_loader as dl
-from nextitnet import NextItNet
-from teracon import evaluate
-from utils import (UserError, atomic_write_json, check_outputs, load_checkpoint, require_finished, resolve_device,
-                   run_cli, sha256_file, summary_path)
+from checkpoint import load_checkpoint, require_finished, smax_of, summary_path
+from methods import METHODS
+from trainer import evaluate
+from utils import UserError, atomic_write_json, check_outputs, clip, resolve_device, run_cli, sha256_file
 
 log = logging.getLogger("teracon")
 
@@ -39,17 +39,12 @@ def evaluate_checkpoint(path: str | Path, device_name: str = "auto", split: str 
     (`ckpt`: the checkpoint at `path` when already loaded)."""
     ckpt = ckpt if ckpt is not None else load_checkpoint(path)
     device = resolve_device(device_name)
-    smax = float(ckpt["args"]["smax"])
-    if ckpt.get("method") == "sinmo":  # one model per task, each with its task's head only
-        members = ckpt.get("members", []) + [ckpt]
-        if len(members) != len(ckpt["tasks"]):
-            raise UserError(f"{path}: sinmo checkpoint has {len(members)} models for {len(ckpt['tasks'])} tasks")
-        models = [(NextItNet.from_checkpoint(m, str(path)).to(device), 0) for m in members]
-    else:
-        model = NextItNet.from_checkpoint(ckpt, str(path)).to(device)
-        models = [(model, i) for i in range(len(ckpt["tasks"]))]
+    smax = smax_of(ckpt)
+    method = METHODS.get(ckpt.get("method", "teracon"))
+    if method is None:
+        raise UserError(f"{path}: made by an unknown method {clip(str(ckpt.get('method')))}")
     rows, items = [], None
-    for entry, (model, head) in zip(ckpt["tasks"], models):
+    for entry, (model, head) in zip(ckpt["tasks"], method.serve(ckpt, device, str(path))):
         data, items = load_task_data(entry, items)
         if entry["task"] == 1 and dl.index_checksum(items) != ckpt["item_index"]["checksum"]:
             raise UserError(f"{entry['file']}: its item index differs from the checkpoint's")

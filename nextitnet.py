@@ -25,35 +25,23 @@ class CausalConv1d(nn.Conv1d):
 
     The input is read through a transposed view [B, C, L] and the output is returned as one,
     so no copy of the k taps ([B, L, kC], the im2col of a GEMM formulation) is built or kept
-    for backward: the convolution saves only its padded input. `owner` (CONURE only) records
-    which task owns each weight (0 = free); serving task t then uses the free weights and
-    those of tasks <= t.
+    for backward: the convolution saves only its padded input.
     """
-    owner: torch.Tensor | None
-    serving: int
-
-    def __init__(self, *args, owned: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_buffer("owner", torch.zeros(self.weight.shape, dtype=torch.int16) if owned else None)
-        self.serving = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, d = self.kernel_size[0], self.dilation[0]
-        weight = self.weight
-        if self.owner is not None:
-            weight = weight * (self.owner <= self.serving)
-        xp = F.pad(x.transpose(1, 2), ((k - 1) * d, 0))                    # [B, C, (k-1)d + L]
-        return F.conv1d(xp, weight, self.bias, dilation=d).transpose(1, 2)  # [B, L, C_out]
+        xp = F.pad(x.transpose(1, 2), ((k - 1) * d, 0))                         # [B, C, (k-1)d + L]
+        return F.conv1d(xp, self.weight, self.bias, dilation=d).transpose(1, 2)  # [B, L, C_out]
 
 
 class ResidualBlock(nn.Module):
     """conv(d) -> LN -> ReLU -> * m1 -> conv(2d) -> LN -> ReLU -> * m2, plus the input (SPEC 3)."""
 
-    def __init__(self, channels: int, kernel: int, dilation: int, owned: bool = False):
+    def __init__(self, channels: int, kernel: int, dilation: int):
         super().__init__()
-        self.conv1 = CausalConv1d(channels, channels, kernel, dilation=dilation, owned=owned)
+        self.conv1 = CausalConv1d(channels, channels, kernel, dilation=dilation)
         self.ln1 = nn.LayerNorm(channels, eps=1e-8)
-        self.conv2 = CausalConv1d(channels, channels, kernel, dilation=2 * dilation, owned=owned)
+        self.conv2 = CausalConv1d(channels, channels, kernel, dilation=2 * dilation)
         self.ln2 = nn.LayerNorm(channels, eps=1e-8)
 
     def forward(self, x: torch.Tensor, mask1: torch.Tensor, mask2: torch.Tensor) -> torch.Tensor:
@@ -132,21 +120,22 @@ class NextItNet(nn.Module):
     """Item embedding, dilated residual blocks, task masks and one linear head per task.
 
     `relation=False` uses plain masks for every task (HAT, the teracon-norel ablation);
-    `masked=False` uses no masks (all ones: fine-tuning, SinMo, CONURE); `owned=True`
-    tracks CONURE's per-task ownership of the convolution weights.
+    `masked=False` uses no masks (all ones: fine-tuning, SinMo, CONURE). `first_task` is the
+    task number of head 0 (1, except for SinMo's one-task models of later tasks).
     """
 
     def __init__(self, num_items: int, head_sizes: list[int], channels: int = CHANNELS,
                  dilations: tuple[int, ...] = DILATIONS, kernel: int = KERNEL, relation: bool = True,
-                 masked: bool = True, owned: bool = False):
+                 masked: bool = True, first_task: int = 1):
         super().__init__()
+        self.first_task = first_task
         self.num_items, self.channels = num_items, channels
         self.dilations, self.kernel = tuple(dilations), kernel
-        self.relation, self.masked, self.owned = relation, masked, owned
+        self.relation, self.masked = relation, masked
         self.item_embedding = nn.Embedding(num_items, channels)
         bound = math.sqrt(1.0 / num_items)
         nn.init.uniform_(self.item_embedding.weight, -bound, bound)
-        self.blocks = nn.ModuleList(ResidualBlock(channels, kernel, d, owned) for d in self.dilations)
+        self.blocks = nn.ModuleList(ResidualBlock(channels, kernel, d) for d in self.dilations)
         self.task_masks = TaskMasks(len(head_sizes), 2 * len(self.dilations), channels)
         self.heads = nn.ModuleList(init_head(nn.Linear(channels, k)) for k in head_sizes)
 
@@ -158,7 +147,7 @@ class NextItNet(nn.Module):
     def config(self) -> dict:
         return {"num_items": self.num_items, "head_sizes": [h.out_features for h in self.heads],
                 "channels": self.channels, "dilations": list(self.dilations), "kernel": self.kernel,
-                "relation": self.relation, "masked": self.masked, "owned": self.owned}
+                "relation": self.relation, "masked": self.masked, "first_task": self.first_task}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, source: str = "checkpoint") -> "NextItNet":
@@ -190,11 +179,6 @@ class NextItNet(nn.Module):
     def convs(self) -> list[CausalConv1d]:
         return [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
 
-    def serve(self, task: int) -> None:
-        """CONURE: use the weights of tasks <= `task` (1-based) and the free ones."""
-        for conv in self.convs():
-            conv.serving = task
-
     def encode(self, seq: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, L, C] of item sequences [B, L] under per-row masks [B or 1, M, C]."""
         x = self.item_embedding(seq)
@@ -202,8 +186,27 @@ class NextItNet(nn.Module):
             x = block(x, masks[:, 2 * b], masks[:, 2 * b + 1])
         return x
 
-    def forward(self, seq: torch.Tensor, task: int, s: float) -> torch.Tensor:
-        """Logits of task `task` (0-based) from the last position of `seq`."""
-        self.serve(task + 1)
-        masks = self.masks(s)[task].unsqueeze(0)
-        return self.heads[task](self.encode(seq, masks)[:, -1])
+    def task_logits(self, seqs: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]],
+                    masks: torch.Tensor) -> list[torch.Tensor | None]:
+        """Logits of task t (0-based) for the rows `rows` of `seqs` [B, L], for every (t, rows)
+        of `groups` (rows None = all), in one backbone pass with per-row masks from `masks`
+        [T, M, C]; None for an empty group.
+
+        `seqs` are whole example sequences: task 1 (next item) reads position -2, the prediction
+        of the last item from the rest (the same as the last position of `seqs[:, :-1]`, as the
+        network is causal; SPEC 5.2); every other task reads the last position.
+        """
+        all_rows = torch.arange(len(seqs), device=seqs.device)
+        rows = [all_rows if r is None else torch.as_tensor(r, device=seqs.device, dtype=torch.long) for _, r in groups]
+        if len(groups) == 1 and groups[0][1] is None:  # one task on every row: its mask, broadcast
+            t = groups[0][0]
+            hidden = self.encode(seqs, masks[t:t + 1])
+        else:
+            task_of_row = torch.cat([torch.full((len(r),), t, device=seqs.device) for (t, _), r in zip(groups, rows)])
+            hidden = self.encode(seqs[torch.cat(rows)], masks.index_select(0, task_of_row))  # deterministic backward
+        logits, start = [], 0
+        for (t, _), r in zip(groups, rows):
+            position = -2 if self.first_task + t == 1 else -1
+            logits.append(self.heads[t](hidden[start:start + len(r), position]) if len(r) else None)
+            start += len(r)
+        return logits

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from evaluate import evaluate_checkpoint
 from nextitnet import NextItNet
-from utils import UserError, atomic_write, atomic_write_text, load_checkpoint, run_cli
+from checkpoint import load_checkpoint, smax_of
+from utils import UserError, atomic_write, atomic_write_text, run_cli
 
 log = logging.getLogger("teracon")
 MAIN_METRIC = {"ranking": "mrr@5", "accuracy": "accuracy"}
@@ -34,7 +35,7 @@ MAIN_METRIC = {"ranking": "mrr@5", "accuracy": "accuracy"}
 def task_relation(ckpt: dict) -> np.ndarray:
     """[T, T] cosine similarity of the tasks' masks at s = smax, averaged over masked layers."""
     model = NextItNet.from_checkpoint(ckpt, "checkpoint")
-    masks = model.masks(float(ckpt["args"]["smax"]))                      # [T, M, C]
+    masks = model.masks(smax_of(ckpt))                      # [T, M, C]
     cos = F.cosine_similarity(masks[:, None], masks[None, :], dim=-1)      # [T, T, M]
     return cos.mean(dim=-1).numpy()
 

@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 import utils
+from data_loader import TTL_TASKS, read_sequence_file, read_task_file
 from utils import UserError, log
 
 MANIFEST = "tasks.json"
@@ -131,12 +132,6 @@ def write_manifest(out_dir: Path, dataset: str, protocol: str, entries: list[dic
     return out_dir / MANIFEST
 
 
-def _readers() -> tuple[Callable, Callable]:
-    """data_loader's validating readers (imported late: data_loader imports torch)."""
-    from data_loader import read_sequence_file, read_task_file
-    return read_sequence_file, read_task_file
-
-
 def write_dataset(out_dir: str | Path, dataset: str, protocol: str, tasks: list[Task],
                   version: str | None = None) -> Path:
     """Write every task file, read each back with data_loader's readers as a self-check, then the
@@ -144,7 +139,6 @@ def write_dataset(out_dir: str | Path, dataset: str, protocol: str, tasks: list[
     out_dir = Path(out_dir)
     if len(tasks) < 2 or tasks[0].targets is not None or any(t.targets is None for t in tasks[1:]):
         raise ValueError("task 1 has no targets, every later task has targets, at least 2 tasks")
-    read_sequence_file, read_task_file = _readers()
     entries, stats = [], []
     for n, task in enumerate(tasks, 1):
         name = f"t{n}_{task.name}.csv"
@@ -761,12 +755,6 @@ def prepare_ml25m(out_dir: str | Path, source: str | Path, window: int = 20, src
 
 # -------------------------------------------------------------------------------------- ttl
 
-TTL_FILES = [("pretrain", "original_desen_pretrain.csv"),
-             ("click", "original_desen_finetune_click_nouserID.csv"),
-             ("like", "original_desen_finetune_like_nouserID.csv"),
-             ("age", "original_desen_age.csv"),
-             ("gender", "original_desen_gender.csv"),
-             ("lifestatus", "original_desen_lifestatus.csv")]
 TTL_PROTOCOL = (
     "Tencent TTL as published by the CONURE authors, used unchanged: T1 pretrain (behaviour "
     "sequences), T2 click and T3 like (items clicked/liked, ranking), T4 age, T5 gender, "
@@ -778,14 +766,13 @@ def prepare_ttl(out_dir: str | Path, source: str | Path) -> Path:
     source = Path(source)
     if not source.is_dir():
         raise UserError(f"{source}: --source must be the folder holding the six TTL files")
-    missing = [f for _, f in TTL_FILES if not (source / f).is_file()]
+    missing = [f for _, f in TTL_TASKS if not (source / f).is_file()]
     if missing:
         raise UserError(f"{source}: missing TTL file(s): {', '.join(missing)}")
-    read_sequence_file, read_task_file = _readers()
     out_dir = Path(out_dir)
     entries, stats = [], []
     t1_items = None
-    for n, (name, fname) in enumerate(TTL_FILES, 1):
+    for n, (name, fname) in enumerate(TTL_TASKS, 1):
         path = (source / fname).resolve()
         log.info("validating %s", path)
         if n == 1:
@@ -799,7 +786,7 @@ def prepare_ttl(out_dir: str | Path, source: str | Path) -> Path:
             if unknown.any():
                 line = int(np.flatnonzero(unknown.any(axis=1))[0]) + 1
                 item = int(src[unknown][0])
-                raise UserError(f"{path}: line {line}: item {item} does not occur in {TTL_FILES[0][1]}")
+                raise UserError(f"{path}: line {line}: item {item} does not occur in {TTL_TASKS[0][1]}")
             st = task_stats(src, tgt, first=False)
             del src, tgt
         metric = utils.metric_kind(st["classes"])

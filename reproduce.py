@@ -19,7 +19,7 @@ from pathlib import Path
 import data_loader as dl
 import plot_tasks
 import results
-from baselines import METHODS
+from methods import METHODS
 from evaluate import evaluate_checkpoint
 from results import reference_rows
 from utils import (UserError, atomic_write_json, atomic_write_text, positive_int, read_json, run_cli, seed_type,
@@ -92,10 +92,9 @@ def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, ar
         rerun = True  # every later stage depends on this one
         log.info("[%s seed %d] stage %d/%d: task %d (%s)", method, seed, i + 1, len(tasks), task, name)
         flags = dict(preset["task1" if task == 1 else "taskn"])
-        if args.max_epochs:
+        if args.max_epochs:  # a cap on every phase of training (CONURE's retraining too)
             flags["epochs"] = min(flags["epochs"], args.max_epochs)
-            if method == "conure":
-                flags["retrain_epochs"] = args.max_epochs
+            flags["retrain_epochs"] = args.max_epochs
         start = time.time()
         run_stage(task, manifest, prefix, seed, method, flags, args.device)
         s = read_json(prefix.with_suffix(".json"))
@@ -144,8 +143,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dataset", default="ml-100k", help="prepared dataset name or a tasks.json path "
                    "(default %(default)s, prepared on the fly)")
     p.add_argument("--seeds", type=seed_type("--seeds"), nargs="+", default=[0], help="seeds to run (default %(default)s)")
-    p.add_argument("--methods", nargs="+", default=["teracon"], choices=sorted(METHODS), metavar="METHOD",
-                   help=f"methods, one row group each: {', '.join(sorted(METHODS))} (default %(default)s)")
+    p.add_argument("--methods", nargs="+", default=["teracon"], choices=list(METHODS), metavar="METHOD",
+                   help=f"methods, one row group each: {', '.join(METHODS)} (default %(default)s)")
     p.add_argument("--preset", choices=sorted(PRESETS) + ["paper"], help="hyperparameters "
                    "(default: the dataset's own preset if it has one, else the paper's)")
     p.add_argument("--max_epochs", type=positive_int("--max_epochs"), help="cap every task's epochs (quick looks and tests)")

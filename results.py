@@ -14,13 +14,16 @@ Averages over tasks use each task's main metric (MRR@5 for ranking, accuracy oth
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import torch
 
 import data_loader as dl
 from evaluate import load_task_data
-from utils import load_checkpoint, metric_sums, rank_of_target
+from checkpoint import load_checkpoint
+from utils import metric_sums, rank_of_target
 
 MAIN_METRIC = {"ranking": "mrr@5", "accuracy": "accuracy"}
 REPORTED = {"ranking": ("mrr@5", "ndcg@5", "hr@5"), "accuracy": ("accuracy",)}
@@ -167,7 +170,8 @@ def reference_check(frame: pd.DataFrame) -> pd.DataFrame:
         spread = max(best["std"], ref["std"])
         rows.append({"task": task, "name": name, "reference": ref["mean"], "reference_std": ref["std"],
                      "best_method": best["method"], "best": best["mean"], "best_std": best["std"],
-                     "margin_in_std": margin / spread if spread > 0 else float("inf") * np.sign(margin),
+                     "margin_in_std": margin / spread if spread > 0 else (math.copysign(math.inf, margin)
+                                                                         if margin else 0.0),
                      "beats_by_2_std": bool(margin > 2 * spread)})
     return pd.DataFrame(rows)
 

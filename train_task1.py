@@ -2,7 +2,7 @@
 
     python train_task1.py --epochs 5 --lr 0.001 --batch 32
 """
-from teracon import main
+from cli import main
 from utils import run_cli
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Task 1 is next-item pretraining; task N >= 2 starts from the task N-1 checkpoint (--paths).
 """
-from teracon import main
+from cli import main
 from utils import run_cli
 
 if __name__ == "__main__":

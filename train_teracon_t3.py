@@ -2,7 +2,7 @@
 
     python train_teracon_t3.py --lr 0.0001 --smax 50 --batch 1024
 """
-from teracon import main
+from cli import main
 from utils import run_cli
 
 if __name__ == "__main__":

@@ -1,0 +1,212 @@
+"""The command line of every task script: flags, their defaults, and one task's run.
+
+`train_task1.py`, `train_teracon_t2.py` ... `train_teracon_t6.py` and `train_teracon.py --task N`
+are thin entry points around `main`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+import data_loader as dl
+from checkpoint import load_checkpoint, load_previous, save_checkpoint, summary_path
+from methods import METHODS
+from nextitnet import CHANNELS, DILATIONS, NextItNet
+from teracon import ALPHA
+from trainer import TrainConfig, format_metrics, train
+from utils import (UserError, atomic_write_json, check_outputs, finite_float, library_versions, resolve_device,
+                   seed_int, set_seed, sha256_file)
+
+log = logging.getLogger("teracon")
+
+
+def build_parser(task: int | None) -> argparse.ArgumentParser:
+    """Flags of the authors' scripts (SPEC 6 defaults); `task=None` adds --task."""
+    p = argparse.ArgumentParser(
+        description=(f"Train TERACON task {task}." if task else "Train TERACON task N (N >= 1).")
+        + " Without --dataset/--datapath, reads TTL's file for the task from Data/Session/.")
+    if task is None:
+        p.add_argument("--task", type=int, required=True, help="task number (1 = next-item pretraining)")
+    p.add_argument("--dataset", help="prepared dataset name (Data/NAME/tasks.json) or a tasks.json path; "
+                   "gives the task file, the index and the save folder")
+    p.add_argument("--datapath", help="task file (overrides --dataset)")
+    p.add_argument("--datapath_index", help="item index JSON, written by task 1 and read by later tasks "
+                   "(default Data/Session/index.json, or Data/NAME/index.json with --dataset)")
+    p.add_argument("--savepath", help="output prefix: writes PREFIX.pt and PREFIX.json "
+                   "(default saved_models/taskN, or saved_models/NAME/taskN with --dataset)")
+    p.add_argument("--paths", help="checkpoint of the previous task (default: the previous task's "
+                   "--savepath default); task >= 2 only")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 10 for task 1, 100 otherwise)")
+    p.add_argument("--lr", type=finite_float("--lr", positive=True), help="Adam learning rate (default 1e-3 for task 1, 1e-4 otherwise)")
+    p.add_argument("--batch", type=int, help="training batch size (default 32 for task 1, 1024 otherwise)")
+    p.add_argument("--eval_batch", type=int, default=1024, help="evaluation batch size (default %(default)s)")
+    p.add_argument("--smax", type=finite_float("--smax", positive=True), default=50.0, help="largest annealing scale s (eq. 19; default %(default)s)")
+    p.add_argument("--alpha", type=finite_float("--alpha", nonnegative=True), default=ALPHA, help="weight of the knowledge-retention loss (eq. 18); "
+                   "task >= 2 only (default %(default)s)")
+    p.add_argument("--mask_reg", type=finite_float("--mask_reg", nonnegative=True), default=0.75, help="weight of the mean-of-masks term in "
+                   "the task-1 loss (the authors' scripts use 0.75; 0 turns it off); task 1 only (default %(default)s)")
+    p.add_argument("--hat_reg", type=finite_float("--hat_reg", nonnegative=True), default=0.75, help="hat: weight of "
+                   "HAT's sparsity regulariser on tasks >= 2 (Serra et al. eq. 5) (default %(default)s)")
+    p.add_argument("--min_retention_rows", type=int, default=0, help="deviation from the paper, off by "
+                   "default: label at least this many rows per past task (floor(rho_i * B) is 0 for small "
+                   "batches once rho is small); task >= 2 only (default %(default)s)")
+    p.add_argument("--select_by", choices=("hit@1", "mrr@5"), default="hit@1", help="validation metric of "
+                   "early stopping and model selection: hit@1 as the paper, or mrr@5 (ranking tasks only; "
+                   "steadier on small validation splits; classification tasks always use hit@1 = accuracy) "
+                   "(default %(default)s)")
+    p.add_argument("--patience", type=int, default=5, help="epochs without a better validation metric "
+                   "before stopping (default %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the split, the initialisation and the batches (default %(default)s)")
+    p.add_argument("--split_by", choices=("example", "source"), default="example",
+                   help="'example': split after expanding multi-target lines (the authors' way); "
+                   "'source': all targets of one source line in one split (default %(default)s)")
+    p.add_argument("--name", help="task name recorded in the checkpoint (default from the manifest or file)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--method", choices=list(METHODS), default="teracon", help="teracon, its ablations "
+                   "teracon-nokr (alpha 0) and teracon-norel (plain masks), or a baseline on the same backbone: "
+                   "fineall, sinmo, hat, conure; later tasks must use the method of task 1 (default %(default)s)")
+    p.add_argument("--channels", type=int, default=CHANNELS, help="task 1 only: hidden size C; later tasks "
+                   "take the checkpoint's (default %(default)s)")
+    p.add_argument("--dilations", type=int, nargs="+", default=list(DILATIONS), help="task 1 only: one "
+                   "residual block per dilation d (convs d and 2d); later tasks take the checkpoint's "
+                   "(default %(default)s)")
+    p.add_argument("--prune_ratio", type=finite_float("--prune_ratio"), default=0.7, help="conure: share of a task's free conv "
+                   "weights pruned after it (default %(default)s)")
+    p.add_argument("--retrain_epochs", type=int, default=10, help="conure: maximum epochs of retraining "
+                   "after pruning (default %(default)s)")
+    p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast for training "
+                   "and evaluation (CUDA, and CPUs with AMX); default %(default)s")
+    p.add_argument("--accept_unfinished", action="store_true", help="start from a --paths checkpoint whose "
+                   "run did not finish (its PREFIX.json says finished: false)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
+    """Fill the defaults that depend on the task and the dataset; check the flags."""
+    first = task == 1
+    for flag, value in (("epochs", 10 if first else 100), ("lr", 1e-3 if first else 1e-4),
+                        ("batch", 32 if first else 1024)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if task < 1:
+        raise UserError(f"--task {task}: tasks are numbered from 1")
+    for flag in ("epochs", "batch", "eval_batch", "patience", "retrain_epochs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.min_retention_rows < 0:
+        raise UserError(f"--min_retention_rows {args.min_retention_rows}: must be at least 0")
+    if args.channels < 1 or min(args.dilations) < 1:
+        raise UserError("--channels and --dilations must be positive")
+    if not 0 <= args.prune_ratio < 1:
+        raise UserError(f"--prune_ratio {args.prune_ratio}: must be in [0, 1)")
+    METHODS[args.method].resolve(args)
+    if first and args.paths:
+        raise UserError("--paths: task 1 starts from scratch and takes no previous checkpoint")
+    folder, prefix = Path("Data/Session"), Path("saved_models")
+    entry = None
+    if args.dataset:
+        manifest = dl.load_manifest(args.dataset)
+        entry = dl.manifest_task(manifest, task)
+        folder, prefix = Path(manifest["dir"]), prefix / Path(manifest["dir"]).name
+    if args.datapath is None:
+        if entry is None and task not in dl.TTL_FILES:
+            raise UserError(f"--task {task}: give --datapath or --dataset (TTL has tasks 1-6 only)")
+        args.datapath = entry["file"] if entry else str(folder / dl.TTL_FILES[task])
+        if entry is None and not Path(args.datapath).is_file():
+            raise UserError(f"{args.datapath}: file not found (put the TTL files in Data/Session/, or use "
+                            "--dataset ml-100k after `python prepare_data.py ml-100k`, or --datapath FILE)")
+    if args.name is None:
+        args.name = entry["name"] if entry else Path(args.datapath).stem
+    args.datapath_index = args.datapath_index or str(folder / "index.json")
+    args.savepath = args.savepath or str(prefix / f"task{task}")
+    if not first:
+        args.paths = args.paths or str(prefix / f"task{task - 1}.pt")
+        if Path(args.paths).resolve() == Path(args.savepath + ".pt").resolve():
+            raise UserError(f"--savepath {args.savepath}: would overwrite the checkpoint it starts from")
+    args.task = task
+    return args
+
+
+def load_data(args: argparse.Namespace) -> tuple[dl.TaskData, dict | None, np.ndarray]:
+    """The task's data, the task n-1 checkpoint (None for task 1) and the item index."""
+    prev = None
+    if args.task == 1:
+        data, items = dl.load_task1(args.datapath, args.seed, split_by=args.split_by)
+    else:
+        prev, items = load_previous(args.paths, args.datapath_index, args.task, args.method, args.accept_unfinished)
+        data = dl.load_task(args.task, args.datapath, items, args.seed, args.split_by, args.name)
+    n = {k: len(v) for k, v in data.splits.items()}
+    if n["valid"] == 0 or n["test"] == 0:
+        raise UserError(f"{data.path}: {sum(n.values())} examples are too few for a 80/5/15 split "
+                        "(need at least 10)")
+    data.name = args.name
+    return data, prev, items
+
+
+def main(argv: list[str] | None = None, task: int | None = None) -> dict:
+    """Train one task with its method; writes PREFIX.pt (best validation epoch) and PREFIX.json."""
+    args = build_parser(task).parse_args(argv)
+    args = resolve_args(args, task or args.task)
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    task = args.task
+    ckpt_out, summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
+    outputs = {"--savepath": [ckpt_out, summary_out]}
+    if task == 1:
+        outputs["--datapath_index"] = args.datapath_index
+    inputs = {"--datapath": args.datapath}
+    if task > 1:
+        inputs.update({"--paths": [args.paths, summary_path(args.paths)], "--datapath_index": args.datapath_index})
+    check_outputs(outputs, inputs)  # before any training: never write over an input, never fail late
+
+    data, prev, items = load_data(args)
+    method = METHODS[args.method](args, task, prev, device)
+    model, teacher = method.build(len(items) + 1, data.num_classes)
+    model.to(device)
+    method.prepare(model)
+    step = method.step(model, teacher)
+    n = {k: len(v) for k, v in data.splits.items()}
+    log.info("task %d (%s), method %s: %s, %d classes (%s), split train/valid/test %d/%d/%d, device %s",
+             task, data.name, args.method, data.path, data.num_classes, data.kind, n["train"], n["valid"],
+             n["test"], device)
+    if task == 1:
+        dl.save_item_index(args.datapath_index, items, args.datapath)
+    run_args = dict(vars(args))
+    task_entry = {"task": task, "name": data.name, "file": data.path, "file_sha256": sha256_file(data.path),
+                  "num_classes": data.num_classes, "metric": data.kind, "seed": args.seed,
+                  "split_by": args.split_by, "split_sizes": n}
+    history = prev["tasks"] if prev else []
+
+    def save(summary: dict, checkpoint: bool = True) -> None:
+        """The checkpoint (at a new best epoch) and the run summary (after every epoch)."""
+        entry = dict(task_entry, best_epoch=summary["best_epoch"], test=summary["test"])
+        if checkpoint:
+            save_checkpoint(ckpt_out, method=args.method, model=model, tasks=history + [entry], items=items,
+                            args=run_args, extras=method.extras())
+        atomic_write_json(summary_out, {"task": entry, "method": args.method, "args": run_args,
+                                        "checkpoint": str(ckpt_out), "versions": library_versions(), **summary})
+
+    def fit(epochs: int | None = None, phase: str = "train", summary: dict | None = None) -> dict:
+        return train(model, step, data, config, device, save, method.hooks(), epochs=epochs, summary=summary,
+                     phase=phase)
+
+    config = TrainConfig.from_args(args)
+    start = time.time()
+    summary = fit()
+    summary = method.after_fit(model, lambda: reload_weights(model, ckpt_out),
+                               lambda **kw: fit(summary=summary, **kw)) or summary
+    summary["finished"] = True
+    save(summary, checkpoint=False)
+    log.info("task %d done in %.1fs: best epoch %s, test %s -> %s", task, time.time() - start,
+             summary["best_epoch"], format_metrics(summary["test"]), ckpt_out)
+    return summary
+
+
+def reload_weights(model: NextItNet, path: Path) -> None:
+    """The weights of the best epoch, saved at `path` by this run."""
+    model.load_state_dict(load_checkpoint(path)["state_dict"])

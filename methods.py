@@ -1,0 +1,294 @@
+"""The methods compared on one backbone and one training loop (`--method`).
+
+One class per method says everything that is particular to it: which masks its model uses, how
+the model of a task is built, the step it trains, the hooks around each optimiser step, what
+follows the fit (CONURE's retraining), what it adds to a checkpoint and how a checkpoint serves
+each of its tasks. Adding a method means adding a class here and an entry in `METHODS`.
+
+- `teracon`: the paper's method; `teracon-nokr` (alpha = 0) and `teracon-norel` (plain masks)
+  are its ablations.
+- `fineall`: fine-tune everything on each new task, no masks, no retention (forgets).
+- `sinmo`: one model per task, trained from scratch on that task alone.
+- `hat`: Hard Attention to the Task (Serra et al., ICML 2018).
+- `conure`: CONURE (Yuan et al., SIGIR 2021): prune, retrain and freeze per task.
+"""
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from nextitnet import NextItNet
+from teracon import NewTaskStep, RetentionStep, Task1Step
+from utils import UserError
+
+
+class Teracon:
+    """TERACON (Kim et al., KDD 2023): relation-aware masks and knowledge retention (Sec. 4)."""
+    name = "teracon"
+    relation = True   # relation-aware masks (eq. 12-13); False: plain sigmoid(s e_t) (eq. 3)
+    masked = True     # task masks at all; False: all ones
+    retention = True  # pseudo-labels of the frozen previous model (Sec. 4.3)
+
+    def __init__(self, args: argparse.Namespace, task: int, prev: dict | None, device: torch.device):
+        self.args, self.task, self.prev, self.device = args, task, prev, device
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace) -> None:
+        """Adjust the run's flags to the method before they are recorded (default: none)."""
+
+    # ---- the model of this task ------------------------------------------------------
+    def build(self, num_items: int, num_classes: int) -> tuple[NextItNet, NextItNet | None]:
+        """(model, frozen teacher or None): task 1 starts fresh; task n grows the task n-1 model
+        by one task (SPEC 4) and, with retention, keeps a frozen copy as the teacher."""
+        if self.prev is None:
+            return self.fresh_model(num_items, num_classes), None
+        teacher = None
+        if self.retention and self.args.alpha > 0:
+            teacher = NextItNet.from_checkpoint(self.prev, self.args.paths).to(self.device).eval().requires_grad_(False)
+        model = NextItNet.from_checkpoint(self.prev, self.args.paths)
+        model.add_task(num_classes)
+        return model, teacher
+
+    def fresh_model(self, num_items: int, num_classes: int, config: dict | None = None) -> NextItNet:
+        config = config or {"channels": self.args.channels, "dilations": self.args.dilations}
+        return NextItNet(num_items, [num_classes], channels=config["channels"], dilations=tuple(config["dilations"]),
+                         relation=self.relation, masked=self.masked, first_task=self.task)
+
+    def prepare(self, model: NextItNet) -> None:
+        """After the model is on its device and before its optimiser exists (default: nothing)."""
+
+    def step(self, model: NextItNet, teacher: NextItNet | None):
+        if self.task == 1:
+            return Task1Step(model, self.args.mask_reg)
+        if teacher is not None:
+            return RetentionStep(model, teacher, self.args.alpha, np.random.default_rng([self.args.seed, 1]),
+                                 min_rows=self.args.min_retention_rows)
+        return NewTaskStep(model, self.penalty if self.task > 1 else None)
+
+    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def hooks(self):
+        """What runs around each optimiser step (`before_step(s)`, `after_step()`), or None."""
+        return None
+
+    def after_fit(self, model: NextItNet, reload_best: Callable[[], None], fit: Callable[..., dict]) -> dict | None:
+        """What follows the fit (CONURE's prune-and-retrain); returns the new summary or None."""
+        return None
+
+    def extras(self) -> dict:
+        """The method's own checkpoint entries, computed at save time."""
+        return {}
+
+    # ---- serving a checkpoint ----------------------------------------------------------
+    @classmethod
+    def serve(cls, ckpt: dict, device: torch.device, source: str = "checkpoint") -> Iterator[tuple[NextItNet, int]]:
+        """(model, head) ready to evaluate each task of `ckpt`, in task order."""
+        model = NextItNet.from_checkpoint(ckpt, source).to(device)
+        for head in range(len(ckpt["tasks"])):
+            yield model, head
+
+
+class TeraconNoKR(Teracon):
+    """Ablation: no knowledge retention (alpha = 0, recorded so in the run's arguments)."""
+    name = "teracon-nokr"
+    retention = False
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace) -> None:
+        args.alpha = 0.0
+
+
+class TeraconNoRel(Teracon):
+    """Ablation: plain masks sigmoid(s e_t) instead of relation-aware ones."""
+    name = "teracon-norel"
+    relation = False
+
+
+class FineAll(Teracon):
+    """Fine-tune every parameter on each new task; no masks, no retention (forgets)."""
+    name = "fineall"
+    masked = False
+    retention = False
+
+
+class SinMo(Teracon):
+    """One model per task, trained from scratch on that task alone; the checkpoint of task n
+    carries the models of tasks 1..n-1 as `members`."""
+    name = "sinmo"
+    masked = False
+    retention = False
+
+    def build(self, num_items: int, num_classes: int) -> tuple[NextItNet, NextItNet | None]:
+        return self.fresh_model(num_items, num_classes, self.prev["config"] if self.prev else None), None
+
+    def extras(self) -> dict:
+        if self.prev is None:
+            return {}
+        return {"members": self.prev.get("members", []) + [{"config": self.prev["config"],
+                                                            "state_dict": self.prev["state_dict"]}]}
+
+    @classmethod
+    def serve(cls, ckpt: dict, device: torch.device, source: str = "checkpoint") -> Iterator[tuple[NextItNet, int]]:
+        members = ckpt.get("members", []) + [ckpt]
+        if len(members) != len(ckpt["tasks"]):
+            raise UserError(f"{source}: sinmo checkpoint has {len(members)} models for {len(ckpt['tasks'])} tasks")
+        for member in members:
+            yield NextItNet.from_checkpoint(member, source).to(device), 0
+
+
+def hat_penalty(mask: torch.Tensor, cumulative: torch.Tensor) -> torch.Tensor:
+    """HAT's sparsity regulariser (Serra et al. eq. 5): sum m (1 - a_<t) / sum (1 - a_<t)."""
+    free = 1.0 - cumulative
+    return (mask * free).sum() / free.sum().clamp_min(1e-8)
+
+
+class HAT(Teracon):
+    """Hard Attention to the Task (Serra et al., ICML 2018): plain annealed masks; the past tasks'
+    cumulative mask a_<t [M, C] blocks the weights they use (eq. 6-7); embedding-gradient
+    compensation; sparsity regulariser weighted by --hat_reg.
+
+    A conv weight (out o, in i) is gated by 1 - min(a_out[o], a_in[i]); the first conv of a
+    block reads the unmasked residual stream (a_in = 1), so the item embedding, which writes
+    that stream, is frozen after task 1, like the past tasks' heads. HAT scales gradients for
+    SGD; with Adam, which normalises them, we scale each parameter's *update* by its gate.
+    """
+    name = "hat"
+    relation = False
+    retention = False
+    THRES_COSH = 50.0
+
+    def prepare(self, model: NextItNet) -> None:
+        self.model = model
+        self.cumulative = self.prev["hat_cumulative"].to(self.device) if self.prev is not None else None
+        self.gates: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self._before: list[torch.Tensor] = []
+        if self.cumulative is None:
+            return
+        a = self.cumulative
+        model.item_embedding.weight.requires_grad_(False)
+        for head in model.heads[:-1]:
+            head.requires_grad_(False)
+        for b, block in enumerate(model.blocks):
+            free1, free2 = 1.0 - a[2 * b], 1.0 - a[2 * b + 1]
+            self.gates += [(block.conv1.weight, free1[:, None, None]),
+                           (block.conv2.weight, (1.0 - torch.minimum(a[2 * b + 1][:, None], a[2 * b][None, :]))[..., None])]
+            self.gates += [(p, free1) for p in (block.conv1.bias, block.ln1.weight, block.ln1.bias)]
+            self.gates += [(p, free2) for p in (block.conv2.bias, block.ln2.weight, block.ln2.bias)]
+
+    def penalty(self, masks: torch.Tensor) -> torch.Tensor:
+        return self.args.hat_reg * hat_penalty(masks[-1], self.cumulative)
+
+    def hooks(self):
+        return self
+
+    @torch.no_grad()
+    def before_step(self, s: float) -> None:
+        for p, gate in self.gates:
+            p.grad *= gate
+        self._before = [p.detach().clone() for p, _ in self.gates]
+        # Compensate the sigmoid's flat gradient at small s (HAT's embedding-gradient compensation).
+        t = self.model.num_tasks - 1
+        e = self.model.task_masks.task_embedding
+        num = torch.cosh(torch.clamp(s * e[t], -self.THRES_COSH, self.THRES_COSH)) + 1
+        den = torch.cosh(e[t]) + 1
+        e.grad[t] *= self.args.smax / s * num / den
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for (p, gate), old in zip(self.gates, self._before):
+            p.copy_(old + gate * (p - old))
+
+    @torch.no_grad()
+    def extras(self) -> dict:
+        """a_<=t = max(a_<t, m_t at s = smax), stored in the checkpoint for the next task."""
+        mask = self.model.masks(self.args.smax)[-1].detach().cpu()
+        return {"hat_cumulative": mask if self.cumulative is None else torch.maximum(self.cumulative.cpu(), mask)}
+
+
+class Conure(Teracon):
+    """CONURE (Yuan et al., SIGIR 2021): each conv weight belongs to one task (`owner`, 0 = free).
+    Task t trains the free weights, keeps the largest (1 - --prune_ratio) of them by magnitude as
+    its own, zeroes the rest and retrains its own; later tasks never change them. Item embedding,
+    layer norms and conv biases are frozen after task 1, as are past heads. Task t is served with
+    the free weights and those of tasks <= t."""
+    name = "conure"
+    masked = False
+    retention = False
+
+    def prepare(self, model: NextItNet) -> None:
+        self.model, self.phase = model, "train"
+        if self.prev is not None:
+            self.owner = [o.to(self.device) for o in self.prev["conure_owner"]]
+        else:
+            self.owner = [torch.zeros(conv.weight.shape, dtype=torch.int16, device=self.device) for conv in model.convs()]
+        if self.task > 1:
+            frozen = [model.item_embedding.weight] + [p for h in model.heads[:-1] for p in h.parameters()]
+            for block in model.blocks:
+                frozen += [block.conv1.bias, block.conv2.bias, *block.ln1.parameters(), *block.ln2.parameters()]
+            for p in frozen:
+                p.requires_grad_(False)
+
+    def hooks(self):
+        return self
+
+    @torch.no_grad()
+    def before_step(self, s: float) -> None:
+        """Only the free weights train (then, after pruning, only this task's): Adam leaves a
+        weight whose gradient was always exactly zero where it is."""
+        trainable = 0 if self.phase == "train" else self.task
+        for conv, owner in zip(self.model.convs(), self.owner):
+            conv.weight.grad *= owner == trainable
+
+    def after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def prune(self) -> None:
+        """Keep the largest free weights of every conv as this task's; zero the others."""
+        for conv, owner in zip(self.model.convs(), self.owner):
+            free = owner == 0
+            keep = int(round((1.0 - self.args.prune_ratio) * int(free.sum())))
+            magnitude = torch.where(free, conv.weight.abs(), torch.full_like(conv.weight, -1.0))
+            top = torch.topk(magnitude.flatten(), keep).indices
+            owner.view(-1)[top] = self.task
+            conv.weight[owner == 0] = 0.0
+        self.phase = "retrain"
+
+    def after_fit(self, model: NextItNet, reload_best: Callable[[], None], fit: Callable[..., dict]) -> dict | None:
+        """Prune the best model, then retrain the weights it keeps."""
+        reload_best()
+        self.prune()
+        return fit(epochs=self.args.retrain_epochs, phase="retrain")
+
+    def extras(self) -> dict:
+        return {"conure_owner": [o.cpu() for o in self.owner]}
+
+    @classmethod
+    def serve(cls, ckpt: dict, device: torch.device, source: str = "checkpoint") -> Iterator[tuple[NextItNet, int]]:
+        model = NextItNet.from_checkpoint(ckpt, source).to(device)
+        owner = [o.to(device) for o in ckpt["conure_owner"]]
+        for head in range(len(ckpt["tasks"])):
+            with weights_of_task(model, owner, head + 1):
+                yield model, head
+
+
+@contextmanager
+def weights_of_task(model: NextItNet, owner: list[torch.Tensor], task: int) -> Iterator[None]:
+    """Inside: every conv weight owned by a task after `task` (1-based) is zero."""
+    with torch.no_grad():
+        saved = [conv.weight.detach().clone() for conv in model.convs()]
+        for conv, o in zip(model.convs(), owner):
+            conv.weight.mul_(o <= task)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for conv, w in zip(model.convs(), saved):
+                conv.weight.copy_(w)
+
+
+METHODS: dict[str, type[Teracon]] = {m.name: m for m in (Teracon, TeraconNoKR, TeraconNoRel, FineAll, SinMo, HAT, Conure)}
