@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import argparse
+
 import helpers  # noqa: F401  (puts the repository root on sys.path)
+from methods import Conure, weights_of_task
 from nextitnet import CausalConv1d, NextItNet, TaskMasks
 
 N_ITEMS = 23
@@ -179,24 +182,56 @@ def test_causal_conv_float64_values_and_gradients(kernel, dilation, length):
             torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-12)
 
 
-def test_causal_conv_owner_masks_weights_of_later_tasks():
-    """CONURE: serving task t uses free weights (owner 0) and those of tasks <= t; the weights
-    of later tasks neither contribute nor receive gradient."""
+def test_conure_weights_of_task_masks_weights_of_later_tasks():
+    """CONURE: serving task t (methods.weights_of_task) uses free weights (owner 0) and those of
+    tasks <= t; the weights of later tasks do not contribute, and every weight is back bit for
+    bit afterwards (also when the body raises)."""
     torch.manual_seed(3)
-    conv = CausalConv1d(4, 4, 3, dilation=2, owned=True).double()
-    assert conv.owner.dtype == torch.int16 and conv.owner.shape == conv.weight.shape
-    conv.owner.copy_(torch.randint(0, 4, conv.weight.shape, dtype=torch.int16))
+    model = NextItNet(N_ITEMS, [N_ITEMS], channels=4, dilations=(2,), masked=False).double()
+    convs = model.convs()
+    owner = [torch.randint(0, 4, conv.weight.shape, dtype=torch.int16) for conv in convs]
+    before = [conv.weight.detach().clone() for conv in convs]
     x = torch.randn(2, 7, 4, dtype=torch.float64)
     for task in range(4):
-        conv.serving = task
-        conv.weight.grad = None
-        out = conv(x)
-        keep = (conv.owner <= task).double()
-        ref = _conv_reference(x, conv.weight.detach() * keep, conv.bias.detach(), 2)
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-12)
-        out.sum().backward()
-        assert torch.all(conv.weight.grad[conv.owner > task] == 0)
-        assert torch.all(conv.weight.grad[conv.owner <= task] != 0)
+        with weights_of_task(model, owner, task):
+            for conv, o, w in zip(convs, owner, before):
+                assert torch.equal(conv.weight.detach(), w * (o <= task))
+                ref = _conv_reference(x, w * (o <= task).double(), conv.bias.detach(), conv.dilation[0])
+                torch.testing.assert_close(conv(x), ref, rtol=1e-6, atol=1e-12)
+        for conv, w in zip(convs, before):
+            assert torch.equal(conv.weight.detach(), w)
+    with pytest.raises(RuntimeError, match="inside"):
+        with weights_of_task(model, owner, 1):
+            raise RuntimeError("inside")
+    for conv, w in zip(convs, before):
+        assert torch.equal(conv.weight.detach(), w)
+
+
+@pytest.mark.parametrize("task", [2, 3])
+def test_conure_trains_free_weights_then_its_own_only(task):
+    """CONURE's hook: while training task t only free weights (owner 0) receive gradient; after
+    pruning (retraining) only task t's own; the weights of other tasks neither change nor
+    receive gradient. Owners come from the previous checkpoint's `conure_owner`."""
+    torch.manual_seed(3)
+    model = NextItNet(N_ITEMS, [N_ITEMS] + [4] * (task - 1), channels=4, dilations=(1, 2), masked=False).double()
+    owner = [torch.randint(0, task + 1, conv.weight.shape, dtype=torch.int16) for conv in model.convs()]
+    args = argparse.Namespace(prune_ratio=0.5)
+    conure = Conure(args, task, {"conure_owner": owner}, torch.device("cpu"))
+    conure.prepare(model)
+    assert [o.dtype for o in conure.owner] == [torch.int16] * len(owner)
+    assert all(torch.equal(a, b) for a, b in zip(conure.owner, owner))
+    x = torch.randint(0, N_ITEMS, (3, 6))
+    for phase, trainable in (("train", 0), ("retrain", task)):
+        conure.phase = phase
+        model.zero_grad(set_to_none=True)
+        [logits] = model.task_logits(x, [(task - 1, None)], model.masks(1.0))
+        logits.pow(2).sum().backward()
+        raw = [conv.weight.grad.clone() for conv in model.convs()]
+        assert all((g[o != trainable] != 0).any() for g, o in zip(raw, owner))  # something to block
+        conure.before_step(1.0)
+        for conv, o, g in zip(model.convs(), owner, raw):
+            assert torch.all(conv.weight.grad[o != trainable] == 0), phase
+            assert torch.equal(conv.weight.grad[o == trainable], g[o == trainable]), phase
 
 
 def test_causal_conv_bf16_autocast_close_to_fp32():
@@ -228,13 +263,46 @@ def test_encode_is_causal():
     assert not torch.allclose(model.encode(changed, masks)[:, 4], base[:, 4], atol=1e-4)
 
 
-def test_forward_is_head_of_last_position():
-    """forward(seq, task, s) = heads[task](encode(seq, masks(s)[task])[:, -1])."""
+def test_task_logits_is_head_of_last_position_and_task1_of_position_minus_two():
+    """task_logits(seq, [(t, None)], masks(s)) = heads[t](encode(seq, masks(s)[t])[:, -1]) for
+    t >= 1 (0-based), and at position -2 for task 1 (the prediction of the last item); a model
+    whose head 0 is a later task (`first_task` > 1, SinMo) reads its head 0 at the last position."""
     model = tiny_model((N_ITEMS, 4, 3))
     seq = torch.randint(0, N_ITEMS, (5, 7))
+    masks = model.masks(2.0)
     for task in range(3):
-        ref = model.heads[task](model.encode(seq, model.masks(2.0)[task:task + 1])[:, -1])
-        assert torch.allclose(model(seq, task, 2.0), ref)
+        position = -2 if task == 0 else -1
+        ref = model.heads[task](model.encode(seq, masks[task:task + 1])[:, position])
+        [got] = model.task_logits(seq, [(task, None)], masks)
+        assert torch.allclose(got, ref)
+    ref0 = model.heads[0](model.encode(seq[:, :-1], masks[0:1])[:, -1])
+    assert torch.allclose(model.task_logits(seq, [(0, None)], masks)[0], ref0, atol=1e-6)
+    torch.manual_seed(0)
+    later = NextItNet(N_ITEMS, [4], channels=8, dilations=(1, 2), first_task=3)
+    assert later.config()["first_task"] == 3
+    m = later.masks(2.0)
+    [got] = later.task_logits(seq, [(0, None)], m)
+    assert torch.allclose(got, later.heads[0](later.encode(seq, m[0:1])[:, -1]))
+
+
+def test_task_logits_row_groups_and_empty_group():
+    """Several (task, rows) groups in one pass: each group's logits equal that task's own pass
+    on its rows (rows may repeat across groups); an empty group gives None."""
+    model = tiny_model((N_ITEMS, 4, 3))
+    with torch.no_grad():
+        model.task_masks.task_embedding.uniform_(-2.0, 2.0)
+    seq = torch.randint(0, N_ITEMS, (6, 7))
+    masks = model.masks(3.0)
+    groups = [(0, np.array([4, 1])), (1, np.array([], dtype=np.int64)), (2, np.array([1, 5, 0])), (1, None)]
+    got = model.task_logits(seq, groups, masks)
+    assert len(got) == 4 and got[1] is None
+    for (t, rows), g in zip(groups, got):
+        if g is None:
+            continue
+        sub = seq if rows is None else seq[torch.as_tensor(rows)]
+        ref = model.heads[t](model.encode(sub, masks[t:t + 1])[:, -2 if t == 0 else -1])
+        assert g.shape == ref.shape
+        assert torch.allclose(g, ref, atol=1e-5, rtol=1e-5), t
 
 
 # ------------------------------------------------------------------------- growth, I/O
@@ -290,7 +358,8 @@ def test_checkpoint_round_trip_is_exact(grow):
         assert torch.equal(a[k], b[k]), k
     seq = torch.randint(0, N_ITEMS, (3, 6))
     for task in range(model.num_tasks):
-        assert torch.equal(model(seq, task, 50.0), loaded(seq, task, 50.0))
+        assert torch.equal(model.task_logits(seq, [(task, None)], model.masks(50.0))[0],
+                           loaded.task_logits(seq, [(task, None)], loaded.masks(50.0))[0])
 
 
 def test_round_trip_keeps_relation_flag():

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 import helpers  # noqa: F401  (puts the repository root on sys.path)
 import data_loader as dl
 import teracon
+import trainer
 from nextitnet import NextItNet
 from utils import UserError
-from teracon import (TaskNStep, anneal_s, evaluate, knowledge_retention_loss, past_task_logits,
-                     sample_subsets, update_rho)
+from teracon import (NewTaskStep, RetentionStep, anneal_s, knowledge_retention_loss, sample_subsets,
+                     update_rho)
+from trainer import TrainConfig, evaluate
 
 N_ITEMS = 17
 L = 6
@@ -29,7 +31,7 @@ def tiny_model(head_sizes, seed=0, relation=True) -> NextItNet:
 
 
 def grown_pair(num_past: int, new_classes: int = 5, seed: int = 0):
-    """(teacher with `num_past` tasks, student = teacher + one new task), as teracon.main builds them."""
+    """(teacher with `num_past` tasks, student = teacher + one new task), as methods.Teracon.build makes them."""
     heads = [N_ITEMS] + [4 + i for i in range(num_past - 1)]
     teacher = tiny_model(heads, seed=seed)
     with torch.no_grad():  # spread the embeddings so that masks differ between tasks
@@ -53,11 +55,20 @@ def make_taskdata(task: int, n_examples: int, num_classes: int, seed: int = 0) -
     return data
 
 
-def train_args(**kw) -> argparse.Namespace:
+def train_args(**kw) -> TrainConfig:
     base = dict(lr=1e-3, seed=0, batch=32, epochs=1, smax=50.0, quiet=True, eval_batch=64, patience=5,
                 amp="fp32", select_by="hit@1")
     base.update(kw)
-    return argparse.Namespace(**base)
+    return TrainConfig(**base)
+
+
+def test_train_config_from_args_takes_its_fields_only():
+    """TrainConfig.from_args reads exactly its own fields from a Namespace; other flags are ignored."""
+    ns = argparse.Namespace(lr=2e-3, batch=16, epochs=3, smax=40.0, patience=2, select_by="mrr@5",
+                            eval_batch=8, amp="bf16", seed=9, quiet=False, alpha=0.7, method="hat")
+    assert TrainConfig.from_args(ns) == TrainConfig(lr=2e-3, batch=16, epochs=3, smax=40.0, patience=2,
+                                                    select_by="mrr@5", eval_batch=8, amp="bf16", seed=9,
+                                                    quiet=False)
 
 
 # ---------------------------------------------------------------------------- annealing
@@ -85,7 +96,7 @@ class RecordingStep:
 
 
 def test_train_anneals_s_per_batch_and_evaluates_at_smax(monkeypatch):
-    """teracon.train gives batch b of every epoch s = anneal_s(b, n_train/batch, smax), keeps
+    """trainer.train gives batch b of every epoch s = anneal_s(b, n_train/batch, smax), keeps
     the partial last batch, and evaluation runs the model's masks at s = smax."""
     data = make_taskdata(2, 125, 4)  # split 100/7/18; 100/32 = 3.125 batches
     assert len(data.splits["train"]) == 100
@@ -93,7 +104,7 @@ def test_train_anneals_s_per_batch_and_evaluates_at_smax(monkeypatch):
     step = RecordingStep(model)
     smax = 50.0
     eval_s = []
-    real_evaluate = teracon.evaluate
+    real_evaluate = trainer.evaluate
 
     def spy_evaluate(m, d, split, s, device, *rest, **kw):
         calls_before = len(step.s)
@@ -109,8 +120,8 @@ def test_train_anneals_s_per_batch_and_evaluates_at_smax(monkeypatch):
             del m.masks
             assert len(step.s) == calls_before
 
-    monkeypatch.setattr(teracon, "evaluate", spy_evaluate)
-    teracon.train(model, step, data, train_args(epochs=2, smax=smax), torch.device("cpu"),
+    monkeypatch.setattr(trainer, "evaluate", spy_evaluate)
+    trainer.train(model, step, data, train_args(epochs=2, smax=smax), torch.device("cpu"),
                   lambda summary, checkpoint=True: None)
     per_epoch = [anneal_s(b, 100 / 32, smax) for b in range(4)]
     assert step.s == pytest.approx(per_epoch * 2)
@@ -234,16 +245,18 @@ def per_task_logits(model, masks, src, subsets):
 
 
 @pytest.mark.parametrize("num_past", [1, 2, 3])
-def test_past_task_logits_grouped_pass_equals_per_task(num_past):
-    """The grouped pass (per-row masks, task 1 at position -2) gives the same logits as one
-    pass per past task, and the new-task hidden state of `extra` equals its own pass."""
+def test_task_logits_grouped_pass_equals_per_task(num_past):
+    """The grouped pass of NextItNet.task_logits (per-row masks, task 1 at position -2) gives
+    the same logits as one pass per past task, and the new task's group (all rows) equals its
+    own pass on the last position."""
     _, model = grown_pair(num_past)
     src = torch.randint(0, N_ITEMS, (12, L))
     rng = np.random.default_rng(1)
     rho = np.array([0.9, 0.4, 0.0][:num_past]) if num_past > 1 else np.array([0.75])
     subsets = sample_subsets(rho, len(src), rng)
     masks = model.masks(7.0)
-    got, hidden = past_task_logits(model, masks, src, subsets, extra=src)
+    *got, new = model.task_logits(src, list(enumerate(subsets)) + [(model.num_tasks - 1, None)], masks)
+    assert len(got) == num_past
     ref = per_task_logits(model, masks, src, subsets)
     for i, (g, r) in enumerate(zip(got, ref)):
         if r is None:
@@ -251,10 +264,10 @@ def test_past_task_logits_grouped_pass_equals_per_task(num_past):
         else:
             assert g.shape == r.shape
             assert torch.allclose(g, r, atol=1e-5, rtol=1e-5), f"task {i}"
-    ref_hidden = model.encode(src, masks[-1:])[:, -1]
-    assert torch.allclose(hidden, ref_hidden, atol=1e-5, rtol=1e-5)
-    got2, none = past_task_logits(model, masks, src, subsets)
-    assert none is None
+    ref_new = model.heads[-1](model.encode(src, masks[-1:])[:, -1])
+    assert torch.allclose(new, ref_new, atol=1e-5, rtol=1e-5)
+    got2 = model.task_logits(src, list(enumerate(subsets)), masks)
+    assert len(got2) == num_past
     for g, g2 in zip(got, got2):
         assert (g is None and g2 is None) or torch.allclose(g, g2, atol=1e-5)
 
@@ -278,7 +291,7 @@ def reference_loss(model, teacher, src, tgt, s, subsets, rho, alpha):
 
 @pytest.mark.parametrize("num_past,rho", [(1, [0.9]), (2, [0.9, 0.6]), (3, [0.9, 0.05, 0.5])])
 def test_task_n_step_loss_and_gradients_match_per_task_reference(num_past, rho):
-    """TaskNStep.loss (grouped pass) equals CE + alpha*KR computed task by task, and so do
+    """RetentionStep.loss (grouped pass) equals CE + alpha*KR computed task by task, and so do
     its gradients w.r.t. every parameter (float64; rho 0.05 of 10 rows is an empty subset)."""
     teacher, model = grown_pair(num_past)
     teacher, model = teacher.double(), model.double()
@@ -286,7 +299,7 @@ def test_task_n_step_loss_and_gradients_match_per_task_reference(num_past, rho):
     src = torch.randint(0, N_ITEMS, (10, L))
     tgt = torch.randint(0, 5, (10,))
     s = 3.3
-    step = TaskNStep(model, teacher, 0.7, np.random.default_rng(7))
+    step = RetentionStep(model, teacher, 0.7, np.random.default_rng(7))
     step.rho = np.array(rho)
     subsets = sample_subsets(np.array(rho), len(src), np.random.default_rng(7))
     assert any(len(x) == 0 for x in subsets) == (num_past == 3)
@@ -310,7 +323,7 @@ def test_task_n_step_float32_finite_and_updates_rho():
     """On a float32 tiny model the loss is finite, rho starts at 0.9 and after the call equals
     update_rho(teacher masks, student new-task mask) at that batch's s."""
     teacher, model = grown_pair(2)
-    step = TaskNStep(model, teacher, 0.7, np.random.default_rng(0))
+    step = RetentionStep(model, teacher, 0.7, np.random.default_rng(0))
     assert np.array_equal(step.rho, [0.9, 0.9])
     src = torch.randint(0, N_ITEMS, (16, L))
     tgt = torch.randint(0, 5, (16,))
@@ -325,13 +338,33 @@ def test_task_n_step_float32_finite_and_updates_rho():
 def test_task_n_step_alpha_zero_is_plain_cross_entropy():
     """With alpha = 0 the loss is the new task's cross-entropy on the last position only."""
     teacher, model = grown_pair(2)
-    step = TaskNStep(model, teacher, 0.0, np.random.default_rng(0))
+    step = RetentionStep(model, teacher, 0.0, np.random.default_rng(0))
     src = torch.randint(0, N_ITEMS, (16, L))
     tgt = torch.randint(0, 5, (16,))
     loss = step.loss(src, tgt, 4.0)
     ref = F.cross_entropy(model.heads[-1](model.encode(src, model.masks(4.0)[-1:])[:, -1]), tgt)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert not np.allclose(step.rho, 0.9)  # rho is still updated
+
+
+@pytest.mark.parametrize("reg", [0.0, 0.5])
+def test_new_task_step_is_cross_entropy_plus_optional_penalty(reg):
+    """NewTaskStep (no teacher: the baselines): the new task's cross-entropy on the last
+    position, plus `penalty(masks)` when one is given (HAT's regulariser), with the masks at s."""
+    _, model = grown_pair(2)
+    src = torch.randint(0, N_ITEMS, (16, L))
+    tgt = torch.randint(0, 5, (16,))
+    ref = F.cross_entropy(model.heads[-1](model.encode(src, model.masks(4.0)[-1:])[:, -1]), tgt)
+    assert NewTaskStep(model).loss(src, tgt, 4.0).item() == pytest.approx(ref.item(), rel=1e-5)
+    seen = []
+
+    def penalty(masks):
+        seen.append(masks.detach().clone())
+        return reg * masks[-1].mean()
+    loss = NewTaskStep(model, penalty).loss(src, tgt, 4.0)
+    assert loss.item() == pytest.approx((ref + reg * model.masks(4.0)[-1].mean()).item(), rel=1e-5)
+    assert len(seen) == 1 and torch.equal(seen[0], model.masks(4.0).detach())
+    assert not hasattr(NewTaskStep(model), "stats")  # no retention diagnostics
 
 
 def test_teacher_of_task_two_uses_plain_task1_mask():
@@ -363,7 +396,7 @@ def test_non_finite_loss_skips_step_but_clamps():
     step = NanStep(model)
     saved = []
     with pytest.raises(UserError, match="task 2 epoch 1: every step had a non-finite loss"):
-        teracon.train(model, step, data, train_args(epochs=1, batch=16), torch.device("cpu"),
+        trainer.train(model, step, data, train_args(epochs=1, batch=16), torch.device("cpu"),
                       lambda summary, checkpoint=True: saved.append(checkpoint))
     assert saved == []
     n_batches = math.ceil(len(data.splits["train"]) / 16)
@@ -387,7 +420,7 @@ def test_finite_loss_steps_and_clamps():
     class CEStep:
         def loss(self, src, tgt, s):
             return F.cross_entropy(model.heads[1](model.encode(src, model.masks(s)[1:2])[:, -1]), tgt)
-    summary = teracon.train(model, CEStep(), data, train_args(epochs=1, batch=16), torch.device("cpu"),
+    summary = trainer.train(model, CEStep(), data, train_args(epochs=1, batch=16), torch.device("cpu"),
                             lambda summary, checkpoint=True: None)
     assert summary["epochs"][0]["skipped_steps"] == 0
     assert not torch.equal(model.heads[1].weight, before)
@@ -408,14 +441,14 @@ def test_train_early_stopping_and_best_epoch_checkpoint():
             return {"hit@1": next(scores)}
         return {"hit@1": float(next(tests))}
 
-    orig = teracon.evaluate
-    teracon.evaluate = fake_evaluate
+    orig = trainer.evaluate
+    trainer.evaluate = fake_evaluate
     try:
-        summary = teracon.train(model, RecordingStep(model), data, train_args(epochs=10, patience=3),
+        summary = trainer.train(model, RecordingStep(model), data, train_args(epochs=10, patience=3),
                                 torch.device("cpu"),
                                 lambda summary, checkpoint=True: saves.append((checkpoint, summary["best_epoch"])))
     finally:
-        teracon.evaluate = orig
+        trainer.evaluate = orig
     assert [e["valid"]["hit@1"] for e in summary["epochs"]] == [0.5, 0.5, 0.7, 0.6, 0.7, 0.2]
     assert summary["best_epoch"] == 3
     assert summary["valid"] == {"hit@1": 0.7} and summary["test"] == {"hit@1": 1.0}
@@ -455,7 +488,7 @@ def test_chunked_next_item_loss_equals_full_cross_entropy():
 
 
 def test_task_n_step_gradients_are_deterministic():
-    """Same model, batch, subsets and s: the TaskNStep gradients are bit-identical from call to
+    """Same model, batch, subsets and s: the RetentionStep gradients are bit-identical from call to
     call on CPU (full-size backbone, default thread count), so a seeded run is reproducible."""
     torch.manual_seed(0)
     teacher = NextItNet(31, [31])
@@ -467,7 +500,7 @@ def test_task_n_step_gradients_are_deterministic():
 
     def grads():
         model.zero_grad(set_to_none=True)
-        TaskNStep(model, teacher, 0.7, np.random.default_rng(0)).loss(src, tgt, 3.0).backward()
+        RetentionStep(model, teacher, 0.7, np.random.default_rng(0)).loss(src, tgt, 3.0).backward()
         return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     first = grads()
     for _ in range(5):
