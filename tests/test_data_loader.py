@@ -10,7 +10,7 @@ import torch
 
 import helpers  # noqa: F401  (puts the repository root on sys.path)
 import data_loader as dl
-import teracon
+import trainer
 from nextitnet import NextItNet
 from utils import UserError, metrics_from_ranks, rank_of_target
 
@@ -130,10 +130,10 @@ def test_evaluate_sees_every_example_once(n_split, batch):
         seen.extend(int(i) for i in idx)
         return real_batch(idx, device)
     data.batch = spy
-    got = teracon.evaluate(model, data, "valid", 50.0, torch.device("cpu"), batch)
+    got = trainer.evaluate(model, data, "valid", 50.0, torch.device("cpu"), batch)
     assert sorted(seen) == sorted(split.tolist()) and len(seen) == n_split
     with torch.no_grad():
-        logits = model(data.sources[split], 1, 50.0)
+        [logits] = model.task_logits(data.sources[split], [(1, None)], model.masks(50.0))
     acc = (logits.argmax(1) == data.targets[split]).double().mean().item()
     assert got["accuracy"] == pytest.approx(acc)
 

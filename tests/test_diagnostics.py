@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from helpers import run_script, write_task1, write_task_ranking
-import teracon
 from nextitnet import NextItNet
-from teracon import RetentionStats, TaskNStep, epoch_diagnostics, mask_diagnostics, sample_subsets
+from teracon import NewTaskStep, RetentionStats, RetentionStep, sample_subsets
+from trainer import epoch_diagnostics, mask_diagnostics
 
 SMAX = 50.0
 
@@ -72,7 +72,7 @@ def test_retention_stats_means_and_reset():
 
 
 def grown_pair(channels: int = 8):
-    """(teacher with one task, student = teacher + a 5-class task), as teracon.main builds them."""
+    """(teacher with one task, student = teacher + a 5-class task), as methods.Teracon.build makes them."""
     torch.manual_seed(0)
     teacher = NextItNet(17, [17], channels=channels, dilations=(1,))
     student = copy.deepcopy(teacher)
@@ -82,10 +82,10 @@ def grown_pair(channels: int = 8):
 
 
 def test_task_step_records_rho_and_rows_of_every_step():
-    """TaskNStep's stats see each step's rho (0.9 at first, then eq. 15's update) and the size of
+    """RetentionStep's stats see each step's rho (0.9 at first, then eq. 15's update) and the size of
     each subset it drew: max(floor(rho * B), min_rows)."""
     teacher, student = grown_pair()
-    step = TaskNStep(student, teacher, 0.7, np.random.default_rng(0), min_rows=3)
+    step = RetentionStep(student, teacher, 0.7, np.random.default_rng(0), min_rows=3)
     src = torch.randint(1, 17, (8, 6), generator=torch.Generator().manual_seed(1))
     tgt = torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(2))
     step.loss(src, tgt, 1.0)
@@ -160,7 +160,10 @@ def test_epoch_diagnostics_record():
     assert d == {"s_min": 0.02, "s_max": 30.0, "steps": 3, "mask_share_below_half": [0.25]}
 
     teacher, student = grown_pair()
-    step = TaskNStep(student, teacher, 0.7, np.random.default_rng(0))
+    # the step of a method without retention (NewTaskStep) has no rho keys either
+    d = epoch_diagnostics(student, NewTaskStep(student), [1.0, 2.0], SMAX)
+    assert not {"rho_mean", "retention_rows_mean", "rho_end"} & set(d) and len(d["mask_share_below_half"]) == 2
+    step = RetentionStep(student, teacher, 0.7, np.random.default_rng(0))
     step.stats.add(np.array([0.4]), [np.arange(6)])
     step.stats.add(np.array([0.2]), [np.arange(2)])
     step.rho = np.array([0.1234567])

@@ -8,8 +8,9 @@ import torch
 import helpers  # noqa: F401  (puts the repo root on sys.path)
 import data_loader as dl
 import evaluate
+from checkpoint import load_checkpoint
 from nextitnet import NextItNet
-from utils import UserError, load_checkpoint
+from utils import UserError
 
 
 def test_empty_item_index_is_refused(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from helpers import write_task1, write_task_classes, write_task_ranking
 import plot_tasks
-import teracon
+import cli
 from evaluate import evaluate_checkpoint
 from nextitnet import NextItNet
 from utils import UserError
@@ -103,7 +103,7 @@ def run(tmp_path_factory):
             argv += ["--channels", "16", "--dilations", "1", "2"]
         else:
             argv += ["--paths", str(folder / f"task{task - 1}.pt")]
-        teracon.main(argv, task=task)
+        cli.main(argv, task=task)
     return folder
 
 

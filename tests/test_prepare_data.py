@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data_loader as dl
 import prepare_data as pd_
 from data_loader import read_sequence_file, read_task_file
 from utils import UserError
@@ -385,7 +386,7 @@ def test_ml25m_bad_inputs(tmp_path):
 
 def write_ttl(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    files = [f for _, f in pd_.TTL_FILES]
+    files = [f for _, f in dl.TTL_TASKS]
     (folder / files[0]).write_text("0,0,5,7,9\n1,2,3,4,5\n0,8,9,10,11\n")
     (folder / files[1]).write_text("0,0,5,7,9,,100,101\n1,2,3,4,5,,102\n")
     (folder / files[2]).write_text("0,8,9,10,11,,200\n")
@@ -403,22 +404,24 @@ def test_ttl_manifest(tmp_path):
                                                "lifestatus"]
     assert [t["num_classes"] for t in m["tasks"]] == [11, 3, 1, 2, 2, 2]
     assert [t["metric"] for t in m["tasks"]] == ["accuracy"] * 6
-    for t, (_, f) in zip(m["tasks"], pd_.TTL_FILES):
+    for t, (_, f) in zip(m["tasks"], dl.TTL_TASKS):
         assert Path(t["file"]).is_absolute() and Path(t["file"]) == (src / f).resolve()
     assert "| 2 | click | - | 2 | 3 |" in (tmp_path / "out" / "stats.md").read_text()
     assert sorted(os.listdir(tmp_path / "out")) == ["stats.md", "tasks.json"]
+    # the task scripts' default files (data_loader.TTL_FILES) are the same six, numbered from 1
+    assert dl.TTL_FILES == {n: f for n, (_, f) in enumerate(dl.TTL_TASKS, 1)}
 
 
 def test_ttl_errors(tmp_path):
     src = write_ttl(tmp_path / "ttl")
-    (src / pd_.TTL_FILES[4][1]).unlink()
+    (src / dl.TTL_TASKS[4][1]).unlink()
     with pytest.raises(UserError, match="missing TTL file.*original_desen_gender.csv"):
         pd_.prepare_ttl(tmp_path / "out", src)
     write_ttl(src)
-    (src / pd_.TTL_FILES[2][1]).write_text("0,8,9,10,11,,200\n0,8,9,10,99,,201\n")
+    (src / dl.TTL_TASKS[2][1]).write_text("0,8,9,10,11,,200\n0,8,9,10,99,,201\n")
     with pytest.raises(UserError, match="like_nouserID.csv: line 2: item 99"):
         pd_.prepare_ttl(tmp_path / "out", src)
-    (src / pd_.TTL_FILES[2][1]).write_text("0,8,9,10,11,200\n")
+    (src / dl.TTL_TASKS[2][1]).write_text("0,8,9,10,11,200\n")
     with pytest.raises(UserError, match="like_nouserID.csv: line 1"):
         pd_.prepare_ttl(tmp_path / "out", src)
     assert not (tmp_path / "out" / "tasks.json").exists()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import helpers
 import data_loader as dl
 import evaluate
@@ -141,7 +142,7 @@ def test_item_index_with_a_200000_digit_number_gives_a_short_error(tmp_path):
 
 
 def test_a_directory_is_not_a_file(tmp_path):
-    for read in (dl.read_sequence_file, dl.load_item_index, utils.load_checkpoint,
+    for read in (dl.read_sequence_file, dl.load_item_index, checkpoint.load_checkpoint,
                  lambda p: dl.load_task(2, p, np.array([1, 2]), seed=0)):
         with pytest.raises(UserError, match=f"^{tmp_path}: is a directory, not a file$"):
             read(tmp_path)
@@ -193,7 +194,7 @@ def broken(change) -> dict:
 
 def test_a_well_formed_checkpoint_loads(tmp_path):
     torch.save(good_checkpoint(), tmp_path / "c.pt")
-    assert utils.load_checkpoint(tmp_path / "c.pt")["tasks"][0]["num_classes"] == 31
+    assert checkpoint.load_checkpoint(tmp_path / "c.pt")["tasks"][0]["num_classes"] == 31
 
 
 @pytest.mark.parametrize("change,problem", [
@@ -217,22 +218,22 @@ def test_a_well_formed_checkpoint_loads(tmp_path):
 def test_checkpoint_with_a_wrong_nested_structure_is_refused(tmp_path, change, problem):
     torch.save(broken(change), tmp_path / "c.pt")
     with pytest.raises(UserError, match=rf"c.pt: not a TERACON checkpoint \({problem}"):
-        utils.load_checkpoint(tmp_path / "c.pt")
+        checkpoint.load_checkpoint(tmp_path / "c.pt")
 
 
 def test_require_finished(tmp_path, caplog):
     ckpt = tmp_path / "task2.pt"
     ckpt.write_bytes(b"x")
-    utils.require_finished(ckpt, False)  # no summary beside it: taken as it is
+    checkpoint.require_finished(ckpt, False)  # no summary beside it: taken as it is
     (tmp_path / "task2.json").write_text(json.dumps({"finished": True}))
-    utils.require_finished(ckpt, False)
+    checkpoint.require_finished(ckpt, False)
     (tmp_path / "task2.json").write_text(json.dumps({"finished": False}))
     expected = (f"{ckpt}: its training run did not finish ({tmp_path / 'task2.json'} says finished: false); "
                 "pass --accept_unfinished to use it anyway")
     with pytest.raises(UserError) as e:
-        utils.require_finished(ckpt, False)
+        checkpoint.require_finished(ckpt, False)
     assert str(e.value) == expected
-    utils.require_finished(ckpt, True)
+    checkpoint.require_finished(ckpt, True)
     assert "did not finish; used anyway" in caplog.text
 
 
