@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 import data_loader as dl
-from utils import UserError, atomic_torch_save, library_versions, read_json, require_file
+from utils import UserError, atomic_torch_save, clip, library_versions, read_json, require_file
 
 log = logging.getLogger("teracon")
 
@@ -138,3 +139,53 @@ def load_previous(path: str, index_path: str, task: int, method: str, accept_unf
         raise UserError(f"{index_path}: item index differs from the one {path} was "
                         "trained with (retrain task 1 or pass the right --datapath_index)")
     return prev, items
+
+
+# ------------------------------------------------------------------------ resumable state
+
+RESUME_FORMAT = "teracon-resume/1"
+# flags that may differ between a run and its --resume (they change nothing that is computed)
+RESUME_FREE_FLAGS = {"resume", "save_every", "quiet", "device", "accept_unfinished"}
+
+
+def resume_path(savepath: str) -> Path:
+    """`PREFIX.resume.pt`: the resumable state of the run writing `PREFIX.pt`."""
+    return Path(savepath + ".resume.pt")
+
+
+def save_resume_state(path: Path, *, args: dict, progress: dict, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer, step_state: dict, method_state: dict) -> None:
+    """Everything `--resume` needs to continue bit for bit: weights, optimiser, the step's and the
+    method's own state, the trainer's progress and every global random generator."""
+    atomic_torch_save(path, {
+        "format": RESUME_FORMAT, "args": args, "progress": progress,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(), "step": step_state, "method": method_state,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}})
+
+
+def load_resume_state(path: Path, args: dict) -> dict:
+    """A resumable state written for the same run (every flag that matters equal), RNGs restored."""
+    path = require_file(path, "no resumable state here (the run never finished an epoch or a --save_every "
+                              "interval, or it finished and removed it); run without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise UserError(f"{path}: not a readable resumable state ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise UserError(f"{path}: not a TERACON resumable state")
+    differ = sorted(k for k in (set(args) | set(state["args"])) - RESUME_FREE_FLAGS
+                    if args.get(k) != state["args"].get(k))
+    if differ:
+        k = differ[0]
+        if k.endswith("_sha256"):
+            raise UserError(f"{path}: the file of --{k[:-len('_sha256')]} changed since this state was written; "
+                            "run without --resume")
+        raise UserError(f"{path}: written by a run with --{k} {clip(repr(state['args'].get(k)))}, not "
+                        f"{clip(repr(args.get(k)))}; resume with the same flags")
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    kind, key, *rest = state["rng"]["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), *rest))
+    return state

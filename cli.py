@@ -8,16 +8,19 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import data_loader as dl
-from checkpoint import load_checkpoint, load_previous, save_checkpoint, summary_path
+from checkpoint import (load_checkpoint, load_previous, load_resume_state, resume_path, save_checkpoint,
+                        save_resume_state, summary_path)
 from methods import METHODS
 from nextitnet import CHANNELS, DILATIONS, NextItNet
 from teracon import ALPHA
-from trainer import TrainConfig, format_metrics, train
+from trainer import Progress, TrainConfig, format_metrics, train
 from utils import (UserError, atomic_write_json, check_outputs, finite_float, library_versions, resolve_device,
                    seed_int, set_seed, sha256_file)
 
@@ -82,6 +85,11 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
                    "and evaluation (CUDA, and CPUs with AMX); default %(default)s")
     p.add_argument("--accept_unfinished", action="store_true", help="start from a --paths checkpoint whose "
                    "run did not finish (its PREFIX.json says finished: false)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of this task from "
+                   "PREFIX.resume.pt (written at every epoch end and every --save_every steps), bit for bit "
+                   "on the same device; every other flag must be the same as the interrupted run's")
+    p.add_argument("--save_every", type=int, default=0, help="also write the resumable state every N training "
+                   "steps inside an epoch (0: at epoch ends only) (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -98,8 +106,9 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
     for flag in ("epochs", "batch", "eval_batch", "patience", "retrain_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if args.min_retention_rows < 0:
-        raise UserError(f"--min_retention_rows {args.min_retention_rows}: must be at least 0")
+    for flag in ("min_retention_rows", "save_every"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 0")
     if args.channels < 1 or min(args.dilations) < 1:
         raise UserError("--channels and --dilations must be positive")
     if not 0 <= args.prune_ratio < 1:
@@ -156,7 +165,8 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     set_seed(args.seed)
     task = args.task
     ckpt_out, summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
-    outputs = {"--savepath": [ckpt_out, summary_out]}
+    resume_out = resume_path(args.savepath)
+    outputs = {"--savepath": [ckpt_out, summary_out, resume_out]}
     if task == 1:
         outputs["--datapath_index"] = args.datapath_index
     inputs = {"--datapath": args.datapath}
@@ -191,17 +201,39 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
         atomic_write_json(summary_out, {"task": entry, "method": args.method, "args": run_args,
                                         "checkpoint": str(ckpt_out), "versions": library_versions(), **summary})
 
-    def fit(epochs: int | None = None, phase: str = "train", summary: dict | None = None) -> dict:
+    # a resumable state is only valid for the same inputs, byte for byte
+    resume_args = dict(run_args, datapath_sha256=task_entry["file_sha256"],
+                       paths_sha256=sha256_file(args.paths) if task > 1 else None)
+
+    def snapshot(progress: Progress, optimizer: torch.optim.Optimizer) -> None:
+        save_resume_state(resume_out, args=resume_args, progress=asdict(progress), model=model, optimizer=optimizer,
+                          step_state=step.state_dict() if hasattr(step, "state_dict") else {},
+                          method_state=method.state_dict())
+
+    def fit(epochs: int | None = None, phase: str = "train", summary: dict | None = None,
+            resume: dict | None = None) -> dict:
         return train(model, step, data, config, device, save, method.hooks(), epochs=epochs, summary=summary,
-                     phase=phase)
+                     phase=phase, resume=resume, snapshot=snapshot)
 
     config = TrainConfig.from_args(args)
     start = time.time()
-    summary = fit()
-    summary = method.after_fit(model, lambda: reload_weights(model, ckpt_out),
-                               lambda **kw: fit(summary=summary, **kw)) or summary
+    state = load_resume_state(resume_out, resume_args) if args.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+        if hasattr(step, "load_state_dict"):
+            step.load_state_dict(state["step"])
+        log.info("task %d: resuming %s phase at epoch %d, batch %d (%s)", task, state["progress"]["phase"],
+                 state["progress"]["epoch"], state["progress"]["batch"], resume_out)
+    if state is None or state["progress"]["phase"] == "train":
+        summary = fit(resume=state)
+        summary = method.after_fit(model, lambda: reload_weights(model, ckpt_out),
+                                   lambda **kw: fit(summary=summary, **kw)) or summary
+    else:  # a later phase (CONURE's retraining) continues where it stopped
+        summary = fit(resume=state)
     summary["finished"] = True
     save(summary, checkpoint=False)
+    resume_out.unlink(missing_ok=True)  # a finished run has nothing to resume
     log.info("task %d done in %.1fs: best epoch %s, test %s -> %s", task, time.time() - start,
              summary["best_epoch"], format_metrics(summary["test"]), ckpt_out)
     return summary

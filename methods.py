@@ -83,6 +83,13 @@ class Teracon:
         """The method's own checkpoint entries, computed at save time."""
         return {}
 
+    def state_dict(self) -> dict:
+        """The method's own state that `--resume` must restore (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     # ---- serving a checkpoint ----------------------------------------------------------
     @classmethod
     def serve(cls, ckpt: dict, device: torch.device, source: str = "checkpoint") -> Iterator[tuple[NextItNet, int]]:
@@ -266,6 +273,13 @@ class Conure(Teracon):
 
     def extras(self) -> dict:
         return {"conure_owner": [o.cpu() for o in self.owner]}
+
+    def state_dict(self) -> dict:
+        return {"owner": [o.cpu() for o in self.owner], "phase": self.phase}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.owner = [o.to(self.device) for o in state["owner"]]
+        self.phase = state["phase"]
 
     @classmethod
     def serve(cls, ckpt: dict, device: torch.device, source: str = "checkpoint") -> Iterator[tuple[NextItNet, int]]:

@@ -5,7 +5,10 @@
 
 For every seed: task 1, then tasks 2..T through the real training scripts, then every task is
 evaluated with the final model. A stage whose checkpoint and finished summary exist is skipped
-(so an interrupted run continues), unless --force. Writes results/<dataset>/table.md and table.csv.
+and a stage that was interrupted continues from its resumable state (`--resume`), unless --force.
+Writes results/<dataset>/: table.md and table.csv (every task's metrics, with the trivial reference),
+summary.md and summary.csv (average final metric, forgetting, BWT, transfer against SinMo) and
+reference_check.csv; with plots of each method's first seed (plot_tasks.py).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import data_loader as dl
 import plot_tasks
+from checkpoint import resume_path
 import results
 from methods import METHODS
 from evaluate import evaluate_checkpoint
@@ -59,7 +63,8 @@ def stage_done(prefix: Path, data_file: str) -> bool:
         return False
 
 
-def run_stage(task: int, manifest: dict, prefix: Path, seed: int, method: str, flags: dict, device: str) -> None:
+def run_stage(task: int, manifest: dict, prefix: Path, seed: int, method: str, flags: dict, device: str,
+              resume: bool = False) -> None:
     script = [str(HERE / "train_task1.py")] if task == 1 else [str(HERE / "train_teracon.py"), "--task", str(task)]
     cmd = [sys.executable, *script, "--dataset", manifest["path"], "--savepath", str(prefix),
            "--seed", str(seed), "--method", method, "--device", device]
@@ -69,6 +74,9 @@ def run_stage(task: int, manifest: dict, prefix: Path, seed: int, method: str, f
         cmd += [f"--{k}", str(v)]
     if not sys.stderr.isatty():
         cmd.append("--quiet")  # progress bars only on a terminal, not in logs
+    if resume:
+        cmd.append("--resume")  # an interrupted run of this stage continues where it stopped
+        log.info("[%s seed %d] task %d: resuming from %s", method, seed, task, resume_path(str(prefix)))
     log.info("$ %s", " ".join(cmd[1:]))
     rc = subprocess.run(cmd).returncode
     if rc != 0:
@@ -89,6 +97,11 @@ def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, ar
             log.info("[%s seed %d] stage %d/%d: task %d (%s) already done, skipped", method, seed, i + 1,
                      len(tasks), task, name)
             continue
+        # An interrupted run of the first stage to redo continues; any other resumable state is
+        # stale (an earlier stage is being retrained, or --force) and is removed.
+        resume = not rerun and resume_path(str(prefix)).is_file()
+        if not resume:
+            resume_path(str(prefix)).unlink(missing_ok=True)
         rerun = True  # every later stage depends on this one
         log.info("[%s seed %d] stage %d/%d: task %d (%s)", method, seed, i + 1, len(tasks), task, name)
         flags = dict(preset["task1" if task == 1 else "taskn"])
@@ -96,7 +109,7 @@ def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, ar
             flags["epochs"] = min(flags["epochs"], args.max_epochs)
             flags["retrain_epochs"] = args.max_epochs
         start = time.time()
-        run_stage(task, manifest, prefix, seed, method, flags, args.device)
+        run_stage(task, manifest, prefix, seed, method, flags, args.device, resume)
         s = read_json(prefix.with_suffix(".json"))
         log.info("[%s seed %d] task %d (%s) finished in %.0fs: best epoch %s, test %s", method, seed, task, name,
                  time.time() - start, s["best_epoch"],

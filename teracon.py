@@ -131,6 +131,20 @@ class RetentionStep:
         self.rho = update_rho(teacher_masks, masks[-1])  # used by the next batch
         return loss
 
+    def state_dict(self) -> dict:
+        """What continues this step exactly after a restart: rho, the subsets' generator and the
+        epoch's retention statistics so far."""
+        return {"rho": self.rho.tolist(), "rng": self.rng.bit_generator.state,
+                "stats": {"rho_sum": self.stats.rho_sum.tolist(), "rows_sum": self.stats.rows_sum.tolist(),
+                          "steps": self.stats.steps}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rho = np.asarray(state["rho"], dtype=np.float64)
+        self.rng.bit_generator.state = state["rng"]
+        self.stats.rho_sum = np.asarray(state["stats"]["rho_sum"], dtype=np.float64)
+        self.stats.rows_sum = np.asarray(state["stats"]["rows_sum"], dtype=np.float64)
+        self.stats.steps = int(state["stats"]["steps"])
+
 
 # ------------------------------------------------------------------------ diagnostics
 

@@ -10,7 +10,7 @@ import argparse
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
@@ -38,6 +38,7 @@ class TrainConfig:
     amp: str = "fp32"
     seed: int = 0
     quiet: bool = True
+    save_every: int = 0  # steps between resumable snapshots inside an epoch (0: at epoch ends only)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -138,60 +139,101 @@ def _fmt_diagnostics(d: dict) -> str:
     return ", ".join(parts)
 
 
+@dataclass
+class Progress:
+    """Where one phase of training stands: enough, with the weights, the optimiser and the step's
+    own state, to continue it exactly (`--resume`)."""
+    phase: str
+    first_epoch: int       # the phase's first epoch number
+    epochs: int            # the phase's epoch budget
+    epoch: int             # the epoch in progress, or the next one
+    batch: int             # batches of `epoch` already done
+    epoch_rng: dict        # the batch-order generator's state at the start of `epoch`
+    best: float = -math.inf
+    bad_epochs: int = 0
+    skipped: int = 0
+    total: float = 0.0     # sum and count of this epoch's finite losses so far
+    count: int = 0
+    s_used: list = field(default_factory=list)
+    seconds: float = 0.0   # of this epoch so far
+    summary: dict = field(default_factory=dict)
+
+    def end_epoch(self, rng: np.random.Generator) -> None:
+        self.epoch, self.batch, self.epoch_rng = self.epoch + 1, 0, rng.bit_generator.state
+        self.total, self.count, self.s_used, self.seconds = 0.0, 0, [], 0.0
+
+
 def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, device: torch.device,
           save: Callable[..., None], hooks: Hooks | None = None, epochs: int | None = None,
-          summary: dict | None = None, phase: str = "train") -> dict:
+          summary: dict | None = None, phase: str = "train", resume: dict | None = None,
+          snapshot: Callable[[Progress, torch.optim.Optimizer], None] | None = None) -> dict:
     """Epochs with annealed s, early stopping on validation `--select_by` (SPEC 6: hit@1); `save(summary)`
     writes the checkpoint at the first epoch and at every improvement. `hooks.before_step(s)`
     and `hooks.after_step()` surround each optimiser step (HAT, CONURE); a second `phase`
-    (CONURE's retraining) continues `summary`."""
+    (CONURE's retraining) continues `summary`. `snapshot(progress, optimizer)` is called at the
+    end of every epoch and every `config.save_every` steps; `resume` (a snapshot's progress and
+    optimiser state) continues a phase where it stopped."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
     rng = np.random.default_rng([config.seed, len(summary["epochs"]) if summary else 0])
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        progress = Progress(**resume["progress"])
+    else:
+        summary = summary or {"epochs": [], "best_epoch": None, "valid": None, "test": None, "finished": False}
+        first = len(summary["epochs"]) + 1
+        progress = Progress(phase, first, epochs or config.epochs, first, 0, rng.bit_generator.state, summary=summary)
+    summary, phase = progress.summary, progress.phase
     train_idx = data.splits["train"]
     batches_per_epoch = len(train_idx) / config.batch
     head = model.num_tasks - 1
-    summary = summary or {"epochs": [], "best_epoch": None, "valid": None, "test": None, "finished": False}
-    best, bad_epochs, skipped = -math.inf, 0, 0
-    for epoch in range(len(summary["epochs"]) + 1, len(summary["epochs"]) + 1 + (epochs or config.epochs)):
-        start, total, count, s_used = time.time(), 0.0, 0, []
+    while progress.epoch < progress.first_epoch + progress.epochs and progress.bad_epochs < config.patience:
+        epoch, start = progress.epoch, time.time() - progress.seconds
+        rng.bit_generator.state = progress.epoch_rng
+        batches = list(dl.batches(train_idx, config.batch, rng))
         model.train()
-        bar = tqdm(dl.batches(train_idx, config.batch, rng), total=math.ceil(batches_per_epoch),
+        bar = tqdm(range(progress.batch, len(batches)), total=len(batches), initial=progress.batch,
                    desc=f"task {data.task} epoch {epoch}", leave=False, disable=config.quiet)
-        for b, batch in enumerate(bar):
-            src, tgt = data.batch(batch, device)
+        for b in bar:
+            src, tgt = data.batch(batches[b], device)
             s = anneal_s(b, batches_per_epoch, config.smax)
-            s_used.append(s)
+            progress.s_used.append(s)
             loss = train_step(model, step, optimizer, src, tgt, s, device, config.amp, hooks)
             if loss is None:
-                skipped += 1
+                progress.skipped += 1
             else:
-                total, count = total + loss, count + 1
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-        if count == 0:
+                progress.total, progress.count = progress.total + loss, progress.count + 1
+            progress.batch, progress.seconds = b + 1, time.time() - start
+            bar.set_postfix(loss=f"{progress.total / max(progress.count, 1):.4f}")
+            if snapshot and config.save_every and progress.batch % config.save_every == 0 and b + 1 < len(batches):
+                snapshot(progress, optimizer)
+        if progress.count == 0:
             raise UserError(f"task {data.task} epoch {epoch}: every step had a non-finite loss (NaN or inf); "
                             "nothing was learned and no checkpoint is written (lower --lr or --alpha)")
         check_finite_model(model, f"task {data.task} epoch {epoch}")
         valid = evaluate(model, data, "valid", config.smax, device, config.eval_batch, config.amp, head)
-        diagnostics = epoch_diagnostics(model, step, s_used, config.smax)
-        record = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), "valid": valid,
-                  "seconds": round(time.time() - start, 2), "skipped_steps": skipped, "diagnostics": diagnostics}
+        diagnostics = epoch_diagnostics(model, step, progress.s_used, config.smax)
+        record = {"epoch": epoch, "phase": phase, "train_loss": progress.total / max(progress.count, 1),
+                  "valid": valid, "seconds": round(time.time() - start, 2), "skipped_steps": progress.skipped,
+                  "diagnostics": diagnostics}
         summary["epochs"].append(record)
         chosen = valid.get(config.select_by, valid["hit@1"])  # classification tasks have hit@1 only
-        improved = chosen > best
+        improved = chosen > progress.best
         if improved:
-            best, bad_epochs = chosen, 0
+            progress.best, progress.bad_epochs = chosen, 0
             summary.update(best_epoch=epoch, valid=valid,
                            test=evaluate(model, data, "test", config.smax, device, config.eval_batch, config.amp, head))
             save(summary)
         else:
-            bad_epochs += 1
+            progress.bad_epochs += 1
         log.info("task %d %s epoch %d  loss %.4f  valid %s  %s%.1fs", data.task, phase, epoch, record["train_loss"],
                  format_metrics(valid), "* " if improved else "", record["seconds"])
         log.info("task %d %s epoch %d  %s", data.task, phase, epoch, _fmt_diagnostics(diagnostics))
         save(summary, checkpoint=False)
-        if bad_epochs >= config.patience:
+        progress.end_epoch(rng)
+        if snapshot:
+            snapshot(progress, optimizer)
+        if progress.bad_epochs >= config.patience:
             log.info("task %d: no improvement for %d epochs, stopping", data.task, config.patience)
-            break
     return summary
 
 
