@@ -1,6 +1,6 @@
 """The comparison table: TERACON and the baselines on the same backbone (`--method`).
 
-Every training run goes through `teracon.main(argv, task=N)` in-process, on tiny models
+Every training run goes through `cli.main(argv, task=N)` in-process, on tiny models
 (`--channels 16 --dilations 1 2` on task 1; later tasks take the checkpoint's), tiny data and
 the CPU. Runs are cached per module so that several tests read the same checkpoints.
 
@@ -30,12 +30,13 @@ import torch
 
 from helpers import NUM_ITEMS, ROOT, SEQ_LEN, raw_item, run_script, write_task1, write_task_ranking
 import prepare_data
+import cli
 import reproduce
-import teracon
-from baselines import METHODS
+from checkpoint import load_checkpoint, smax_of
 from evaluate import evaluate_checkpoint
+from methods import METHODS, Conure, weights_of_task
 from nextitnet import NextItNet
-from utils import UserError, load_checkpoint
+from utils import UserError
 
 ALL_METHODS = sorted(METHODS)
 TINY = ["--channels", "16", "--dilations", "1", "2"]
@@ -47,14 +48,14 @@ RANKING_METRICS = ("hit@1", "mrr@5", "hr@5", "ndcg@5", "mrr@20", "hr@20", "ndcg@
 
 def train(folder: Path, task: int, datafile: Path, method: str, *flags: str, seed: int = 0,
           paths: Path | None = None, name: str | None = None, index: Path | None = None) -> dict:
-    """One task through `teracon.main`; writes folder/<name or taskN>.pt/.json; returns the summary."""
+    """One task through `cli.main`; writes folder/<name or taskN>.pt/.json; returns the summary."""
     folder.mkdir(parents=True, exist_ok=True)
     argv = ["--datapath", str(datafile), "--datapath_index", str(index or folder / "index.json"),
             "--savepath", str(folder / (name or f"task{task}")), "--method", method, "--seed", str(seed),
             "--prune_ratio", str(PRUNE), "--quiet", "--device", "cpu", *flags]
     if paths is not None:
         argv += ["--paths", str(paths)]
-    return teracon.main(argv, task=task)
+    return cli.main(argv, task=task)
 
 
 def task_metrics(ckpt_path: Path) -> list[dict]:
@@ -160,20 +161,26 @@ def test_conure_keeps_task1_metrics_exactly(small):
     assert r2[0]["after_training"] == r1[0]["after_training"]
 
 
+def conv_weight_keys(ckpt: dict) -> list[str]:
+    """State-dict keys of the conv weights in `NextItNet.convs()` order (CONURE's owner order)."""
+    return [f"blocks.{b}.conv{i}.weight" for b in range(len(ckpt["config"]["dilations"])) for i in (1, 2)]
+
+
 def test_conure_owner_buffers(small):
     """Task 1's owned conv weights are bit-identical in the task-2 checkpoint and still owned by
     task 1; each task takes round((1 - prune_ratio) * free) of the free weights (+-1); pruned
     (free) weights are zero; the frozen parts (item embedding, layer norms, conv biases, task 1's
-    head) are bit-identical."""
+    head) are bit-identical. The owners are the checkpoint's `conure_owner` (int16, one per conv
+    in convs() order, shaped like its weight), not a part of the model's config or weights."""
     folder = small.run("conure")
     c1, c2 = load_checkpoint(folder / "task1.pt"), load_checkpoint(folder / "task2.pt")
-    assert c1["config"]["owned"] is True and c2["config"]["owned"] is True
     s1, s2 = c1["state_dict"], c2["state_dict"]
-    owners = [k for k in s1 if k.endswith(".owner")]
-    assert len(owners) == 2 * len(c1["config"]["dilations"])
-    for key in owners:
-        w = key[: -len("owner")] + "weight"
-        o1, o2 = s1[key], s2[key]
+    assert "owned" not in c1["config"] and not [k for k in s1 if k.endswith(".owner")]
+    weights = conv_weight_keys(c1)
+    assert len(c1["conure_owner"]) == len(c2["conure_owner"]) == len(weights) == 2 * len(c1["config"]["dilations"])
+    for w, o1, o2 in zip(weights, c1["conure_owner"], c2["conure_owner"]):
+        key = w
+        assert o1.dtype == o2.dtype == torch.int16 and o1.shape == o2.shape == s1[w].shape, key
         n = o1.numel()
         own1 = o1 == 1
         assert set(o1.unique().tolist()) <= {0, 1} and set(o2.unique().tolist()) <= {0, 1, 2}
@@ -188,6 +195,26 @@ def test_conure_owner_buffers(small):
     assert len(frozen) == 3 + 6 * len(c1["config"]["dilations"])
     for k in frozen:
         assert torch.equal(s1[k], s2[k]), k
+
+
+def test_conure_serve_uses_the_weights_of_tasks_up_to_each(small):
+    """Conure.serve on the task-2 checkpoint yields (model, head) per task: task t sees the free
+    weights and those owned by tasks <= t (later tasks' zero), and once served the model's conv
+    weights are the checkpoint's again; weights_of_task(model, owner, 2) changes nothing."""
+    ckpt = load_checkpoint(small.run("conure") / "task2.pt")
+    keys, owner = conv_weight_keys(ckpt), ckpt["conure_owner"]
+    assert any((o == 2).any() for o in owner)  # task 1 must hide something
+    served = []
+    for model, head in Conure.serve(ckpt, torch.device("cpu")):
+        served.append(head)
+        for key, conv, o in zip(keys, model.convs(), owner):
+            assert torch.equal(conv.weight.detach(), ckpt["state_dict"][key] * (o <= head + 1)), (head, key)
+    assert served == [0, 1]
+    for key, conv in zip(keys, model.convs()):
+        assert torch.equal(conv.weight.detach(), ckpt["state_dict"][key]), key
+    with weights_of_task(model, owner, 2):
+        for key, conv in zip(keys, model.convs()):
+            assert torch.equal(conv.weight.detach(), ckpt["state_dict"][key]), key
 
 
 # -------------------------------------------------------------------------------- hat
@@ -224,7 +251,37 @@ def test_hat_checkpoint_carries_cumulative_mask(small):
     assert (c2["hat_cumulative"] >= c1["hat_cumulative"]).all()
     # task 1's cumulative mask is task 1's plain mask at s = smax
     model = NextItNet.from_checkpoint(c1)
-    assert torch.allclose(c1["hat_cumulative"], model.masks(float(c1["args"]["smax"]))[0], atol=1e-6)
+    assert torch.allclose(c1["hat_cumulative"], model.masks(smax_of(c1))[0], atol=1e-6)
+
+
+def test_hat_regulariser_weights_hat_reg_and_task1_mask_term_mask_reg():
+    """HAT's regulariser (Serra et al. eq. 5) is sum m (1 - a_<t) / sum (1 - a_<t), weighted by
+    --hat_reg on tasks >= 2 (not by --mask_reg); task 1's mean-of-masks term (teracon.mask_mean)
+    is weighted by --mask_reg alone, and the methods' task-2 steps carry no mask_reg."""
+    from methods import HAT, hat_penalty
+    from teracon import NewTaskStep, Task1Step, mask_mean
+    mask = torch.tensor([[0.2, 0.8], [1.0, 0.4]])
+    cum = torch.tensor([[1.0, 0.5], [0.0, 0.25]])
+    # free = 0, 0.5, 1, 0.75: (0 + 0.4 + 1.0 + 0.3) / 2.25
+    assert hat_penalty(mask, cum).item() == pytest.approx(1.7 / 2.25)
+    assert hat_penalty(mask, torch.ones(2, 2)).item() == 0.0  # nothing free: no division by zero
+    assert mask_mean(mask).item() == pytest.approx(0.6)
+    args = types.SimpleNamespace(mask_reg=0.3, hat_reg=2.0, smax=50.0, alpha=0.7, seed=0, min_retention_rows=0)
+    torch.manual_seed(0)
+    model = NextItNet(NUM_ITEMS, [NUM_ITEMS, 4], channels=4, dilations=(1,), relation=False)
+    hat = HAT(args, 2, {"hat_cumulative": cum}, torch.device("cpu"))
+    hat.prepare(model)
+    masks = torch.stack([mask, mask.flip(0)])
+    assert hat.penalty(masks).item() == pytest.approx(2.0 * hat_penalty(mask.flip(0), cum).item())
+    step = hat.step(model, None)
+    assert isinstance(step, NewTaskStep) and step.penalty == hat.penalty
+    first = HAT(args, 1, None, torch.device("cpu"))
+    step1 = first.step(NextItNet(NUM_ITEMS, [NUM_ITEMS], channels=4, dilations=(1,), relation=False), None)
+    assert isinstance(step1, Task1Step) and step1.mask_reg == 0.3
+    for name in ("teracon-nokr", "fineall", "sinmo", "conure"):
+        method = METHODS[name](args, 2, None, torch.device("cpu"))
+        step = method.step(model, None)
+        assert isinstance(step, NewTaskStep) and step.penalty is None, name
 
 
 HAT_LR = 1e-3
@@ -424,7 +481,7 @@ def _in_process_runner(calls: list[list[str]]):
         assert script.parent == ROOT and script.name in ("train_task1.py", "train_teracon.py"), cmd
         calls.append([script.name, *argv])
         try:
-            teracon.main(argv, task=1) if script.name == "train_task1.py" else teracon.main(argv)
+            cli.main(argv, task=1) if script.name == "train_task1.py" else cli.main(argv)
         except UserError:
             return subprocess.CompletedProcess(cmd, 2)
         return subprocess.CompletedProcess(cmd, 0)
