@@ -96,6 +96,23 @@ def load_checkpoint(path: str | Path) -> dict:
     problem = checkpoint_problem(ckpt)
     if problem:
         raise UserError(f"{path}: not a TERACON checkpoint ({problem})")
+    return upgrade(ckpt)
+
+
+def upgrade(ckpt: dict) -> dict:
+    """Read a checkpoint of format teracon/1 (before the methods owned their state) as teracon/2:
+    its config's `owned` flag goes, and CONURE's weight owners move from conv buffers
+    (`blocks.B.convK.owner`) to `conure_owner`, in the model's conv order."""
+    if ckpt.get("format") != "teracon/1":
+        return ckpt
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k != "owned"}
+    owners = sorted((k for k in ckpt["state_dict"] if k.endswith(".owner")),
+                    key=lambda k: (int(k.split(".")[1]), k))
+    if owners:
+        ckpt["conure_owner"] = [ckpt["state_dict"].pop(k) for k in owners]
+    for member in ckpt.get("members", []):
+        member["config"] = {k: v for k, v in member["config"].items() if k != "owned"}
+    ckpt["format"] = FORMAT
     return ckpt
 
 

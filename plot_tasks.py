@@ -4,10 +4,14 @@
 
 - `task_relation.png`: cosine similarity between the tasks' learned masks (relation-aware,
   s = smax) in the run's last checkpoint, averaged over the masked layers (paper Fig. 4).
+  The colour scale spans the off-diagonal values, so that small differences show.
 - `forgetting.png`: each task's main metric (MRR@5 for ranking, accuracy for classification)
-  after every later task, from the run's checkpoints task1.pt, task2.pt, ...
+  after every later task, relative to its value right after it was trained (1.00 = nothing
+  forgotten), with the raw value in each cell; from `matrix.json` (written by reproduce.py) or
+  else by evaluating the run's checkpoints task1.pt, task2.pt, ...
 
-The numbers are also written as CSV. Needs matplotlib for the PNGs (`pip install matplotlib`).
+The numbers are also written as CSV (forgetting.csv raw, forgetting_relative.csv relative).
+Needs matplotlib for the PNGs (`pip install matplotlib`).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from evaluate import evaluate_checkpoint
 from nextitnet import NextItNet
 from checkpoint import load_checkpoint, smax_of
-from utils import UserError, atomic_write, atomic_write_text, run_cli
+from utils import UserError, atomic_write, atomic_write_text, read_json, run_cli
 
 log = logging.getLogger("teracon")
 MAIN_METRIC = {"ranking": "mrr@5", "accuracy": "accuracy"}
@@ -49,14 +53,29 @@ def run_checkpoints(run: Path) -> list[Path]:
 
 
 def forgetting(checkpoints: list[Path], device: str = "auto") -> tuple[list[str], np.ndarray]:
-    """Task names and [checkpoints, tasks] main metric; NaN where a task is not learned yet."""
-    rows = [evaluate_checkpoint(p, device) for p in checkpoints]
+    """Task names and [checkpoints, tasks] main metric; NaN where a task is not learned yet.
+    Read from the run's matrix.json when reproduce.py wrote one for these checkpoints."""
+    matrix = checkpoints[-1].parent / "matrix.json"
+    rows = None
+    if matrix.is_file():
+        after = read_json(matrix).get("after")
+        if isinstance(after, list) and len(after) == len(checkpoints):
+            rows = after
+    rows = rows or [evaluate_checkpoint(p, device) for p in checkpoints]
     names = [r["name"] for r in rows[-1]]
     table = np.full((len(rows), len(names)), np.nan)
     for i, row in enumerate(rows):
         for j, r in enumerate(row):
             table[i, j] = r["now"][MAIN_METRIC[r["metric"]]]
     return names, table
+
+
+def relative_to_first(table: np.ndarray) -> np.ndarray:
+    """R[i][j] / R[j][j]: each task's metric relative to right after it was trained (NaN where
+    that value is 0 or the task is not learned yet)."""
+    diag = np.diag(table)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(diag > 0, table / diag, np.nan)
 
 
 def matrix_csv(labels_rows: list[str], labels_cols: list[str], values: np.ndarray) -> str:
@@ -68,7 +87,10 @@ def matrix_csv(labels_rows: list[str], labels_cols: list[str], values: np.ndarra
     return buf.getvalue()
 
 
-def draw(values: np.ndarray, rows: list[str], cols: list[str], title: str, path: Path, cmap: str) -> None:
+def draw(values: np.ndarray, rows: list[str], cols: list[str], title: str, path: Path, cmap: str,
+         vmin: float | None = None, vmax: float | None = None, digits: int = 2,
+         below: np.ndarray | None = None) -> None:
+    """A heatmap with every value written in its cell (and `below`'s under it, smaller)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -76,13 +98,15 @@ def draw(values: np.ndarray, rows: list[str], cols: list[str], title: str, path:
     except ImportError:
         raise UserError("matplotlib is not installed: `pip install matplotlib` (the CSV files were written)") from None
     fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.5, 0.8 * len(rows) + 1.8))
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     for (i, j), v in np.ndenumerate(values):
         if not np.isnan(v):
-            dark = image.norm(v) < 0.5
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
+            r, g, b, _ = image.cmap(image.norm(v))
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+            text = f"{v:.{digits}f}" + ("" if below is None or np.isnan(below[i, j]) else f"\n({below[i, j]:.4f})")
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
@@ -107,12 +131,23 @@ def main(argv: list[str] | None = None) -> None:
     relation = task_relation(last)
     atomic_write_text(out / "task_relation.csv", matrix_csv(names, names, relation))
     _, table = forgetting(checkpoints, args.device)
+    relative = relative_to_first(table)
     after = [f"after {c.stem}" for c in checkpoints]
     atomic_write_text(out / "forgetting.csv", matrix_csv(after, names, table))
-    draw(relation, names, names, f"task relation ({last.get('method', 'teracon')}): mask cosine", out / "task_relation.png", "viridis")
-    draw(table, after, names, "each task's metric after every later task", out / "forgetting.png", "magma")
-    log.info("wrote %s", ", ".join(str(out / f) for f in ("task_relation.png", "forgetting.png",
-                                                           "task_relation.csv", "forgetting.csv")))
+    atomic_write_text(out / "forgetting_relative.csv", matrix_csv(after, names, relative))
+    off = relation[~np.eye(len(names), dtype=bool)]
+    low, high = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
+    if high - low < 1e-6:
+        low, high = low - 1e-3, high + 1e-3
+    method = last.get("method", "teracon")
+    draw(relation, names, names, f"task relation ({method}): mask cosine at s = smax\n(colours span "
+         f"{low:.4f}..{high:.4f}, the off-diagonal range)", out / "task_relation.png", "viridis", low, high, digits=4)
+    span = max(0.05, float(np.nanmax(np.abs(relative - 1.0))) if np.isfinite(relative).any() else 0.05)
+    draw(relative, after, names, f"forgetting ({method}): main metric relative to right after training\n"
+         "(1.00 = kept; raw MRR@5 or accuracy in brackets)", out / "forgetting.png", "RdBu", 1 - span, 1 + span,
+         below=table)
+    log.info("wrote %s", ", ".join(str(out / f) for f in ("task_relation.png", "forgetting.png", "task_relation.csv",
+                                                           "forgetting.csv", "forgetting_relative.csv")))
 
 
 if __name__ == "__main__":
