@@ -80,7 +80,7 @@ import torch.nn.functional as F
 
 import data_loader as dl
 from nextitnet import CHANNELS, DILATIONS, KERNEL, NextItNet
-from teracon import CE_CHUNK_ELEMENTS, RetentionStep, Task1Step, sample_subsets
+from teracon import CE_CHUNK_ELEMENTS, RetentionStep, Task1Step, subset_sizes
 from trainer import autocast, evaluate, train_step
 from utils import atomic_write_text, resolve_device
 
@@ -118,8 +118,8 @@ def task1_flops(batch: int, length: int, items: int, channels: int, kernel: int,
 
 
 def subset_size(rho: float, batch: int) -> int:
-    """Rows replayed for a past task, drawn by `teracon.sample_subsets` itself."""
-    return len(sample_subsets(np.array([rho]), batch, np.random.default_rng(0))[0])
+    """Rows replayed for a past task (`teracon.subset_sizes`, the rule `sample_subsets` draws by)."""
+    return subset_sizes(np.array([rho]), batch)[0]
 
 
 def taskn_flops(batch: int, length: int, items: int, task: int, rho: float, channels: int,
@@ -258,9 +258,9 @@ class PinnedRho:
     def __init__(self, step: RetentionStep, rho: np.ndarray):
         self.step, self.rho = step, rho
 
-    def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
+    def backward(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         self.step.rho = self.rho.copy()
-        return self.step.loss(src, tgt, s)
+        return self.step.backward(src, tgt, s)
 
 
 def training_step(model: NextItNet, step, optimizer: torch.optim.Optimizer, src: torch.Tensor, tgt: torch.Tensor,

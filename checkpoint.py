@@ -162,7 +162,7 @@ def load_previous(path: str, index_path: str, task: int, method: str, accept_unf
 
 RESUME_FORMAT = "teracon-resume/1"
 # flags that may differ between a run and its --resume (they change nothing that is computed)
-RESUME_FREE_FLAGS = {"resume", "save_every", "quiet", "device", "accept_unfinished"}
+RESUME_FREE_FLAGS = {"resume", "save_every", "quiet", "device", "accept_unfinished", "chunk_rows"}
 
 
 def resume_path(savepath: str) -> Path:

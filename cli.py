@@ -90,6 +90,10 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
                    "on the same device; every other flag must be the same as the interrupted run's")
     p.add_argument("--save_every", type=int, default=0, help="also write the resumable state every N training "
                    "steps inside an epoch (0: at epoch ends only) (default %(default)s)")
+    p.add_argument("--chunk_rows", type=int, default=-1, help="micro-batching of a task-n step with knowledge "
+                   "retention: at most this many stacked rows per forward and backward, gradients accumulated, "
+                   "the same loss and gradients as one pass; 0 = off, -1 = auto: rows whose activations fit "
+                   "8 MiB on a CPU, off on CUDA (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -106,6 +110,8 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
     for flag in ("epochs", "batch", "eval_batch", "patience", "retrain_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.chunk_rows < -1:
+        raise UserError(f"--chunk_rows {args.chunk_rows}: must be -1 (auto), 0 (off) or positive")
     for flag in ("min_retention_rows", "save_every"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 0")
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     check_outputs(outputs, inputs)  # before any training: never write over an input, never fail late
 
     data, prev, items = load_data(args)
+    if args.chunk_rows < 0:
+        args.chunk_rows = auto_chunk_rows(device, data.sources.shape[1], prev["config"]["channels"] if prev else 0)
     method = METHODS[args.method](args, task, prev, device)
     model, teacher = method.build(len(items) + 1, data.num_classes)
     model.to(device)
@@ -237,6 +245,14 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     log.info("task %d done in %.1fs: best epoch %s, test %s -> %s", task, time.time() - start,
              summary["best_epoch"], format_metrics(summary["test"]), ckpt_out)
     return summary
+
+
+def auto_chunk_rows(device: torch.device, length: int, channels: int, cache_bytes: int = 8 << 20) -> int:
+    """Rows per micro-batch on a CPU: one fp32 activation [rows, length, C] within `cache_bytes`
+    (at batch 1024 the stacked rows fall out of the cache otherwise); off on CUDA."""
+    if device.type != "cpu" or channels == 0:
+        return 0
+    return max(16, cache_bytes // (length * channels * 4))
 
 
 def reload_weights(model: NextItNet, path: Path) -> None:

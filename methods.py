@@ -66,7 +66,7 @@ class Teracon:
             return Task1Step(model, self.args.mask_reg)
         if teacher is not None:
             return RetentionStep(model, teacher, self.args.alpha, np.random.default_rng([self.args.seed, 1]),
-                                 min_rows=self.args.min_retention_rows)
+                                 min_rows=self.args.min_retention_rows, chunk_rows=self.args.chunk_rows)
         return NewTaskStep(model, self.penalty if self.task > 1 else None)
 
     penalty: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -28,12 +28,16 @@ def anneal_s(batch: int, batches_per_epoch: float, smax: float) -> float:
     return 1.0 / smax + (smax - 1.0 / smax) * batch / batches_per_epoch
 
 
+def subset_sizes(rho: np.ndarray, batch_size: int, min_rows: int = 0) -> list[int]:
+    """floor(rho_i * B) rows for every past task (eq. 15-16); `min_rows` > 0 (off in the paper)
+    raises each to min(min_rows, B)."""
+    return [max(int(math.floor(r * batch_size)), min(min_rows, batch_size)) for r in rho]
+
+
 def sample_subsets(rho: np.ndarray, batch_size: int, rng: np.random.Generator,
                    min_rows: int = 0) -> list[np.ndarray]:
-    """An independent random subset of floor(rho_i * B) rows of the batch for every past task
-    (eq. 15-16). `min_rows` > 0 (off in the paper) raises each subset to min(min_rows, B) rows."""
-    return [rng.permutation(batch_size)[: max(int(math.floor(r * batch_size)), min(min_rows, batch_size))]
-            for r in rho]
+    """An independent random subset of the batch's rows for every past task, of `subset_sizes`."""
+    return [rng.permutation(batch_size)[:size] for size in subset_sizes(rho, batch_size, min_rows)]
 
 
 def knowledge_retention_loss(student: list[torch.Tensor | None], teacher: list[torch.Tensor | None],
@@ -78,7 +82,21 @@ def mask_mean(masks: torch.Tensor) -> torch.Tensor:
     return masks.mean()
 
 
-class Task1Step:
+class Step:
+    """A training step: `loss` of a batch at annealing scale s; `backward` also accumulates its
+    gradients (none when the loss is not finite, SPEC 5.6) and returns the loss, detached."""
+
+    def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
+        loss = self.loss(src, tgt, s)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.detach()
+
+
+class Task1Step(Step):
     """Next-item loss on every position (SPEC 3) plus `mask_reg` * mean of all masks."""
 
     def __init__(self, model: NextItNet, mask_reg: float):
@@ -93,7 +111,7 @@ class Task1Step:
         return loss
 
 
-class NewTaskStep:
+class NewTaskStep(Step):
     """The new task's cross-entropy alone, plus an optional `penalty(masks)` (HAT's regulariser):
     the step of every method without knowledge retention."""
 
@@ -107,21 +125,30 @@ class NewTaskStep:
         return loss + self.penalty(masks) if self.penalty else loss
 
 
-class RetentionStep:
+class RetentionStep(Step):
     """New-task cross-entropy plus alpha * knowledge retention from the frozen teacher (Sec. 4.3,
-    eq. 18): every past task i labels its own random subset of the batch (eq. 16-17)."""
+    eq. 18): every past task i labels its own random subset of the batch (eq. 16-17).
+
+    `chunk_rows` > 0: `backward` runs the stacked rows (every past task's subset, then the
+    batch) through forward and backward in chunks of at most that many rows, each row's loss
+    weighted by the whole batch's denominators, so the loss and every gradient equal the
+    unchunked step's up to float rounding (micro-batching for cache or memory)."""
 
     def __init__(self, model: NextItNet, teacher: NextItNet, alpha: float, rng: np.random.Generator,
-                 min_rows: int = 0):
+                 min_rows: int = 0, chunk_rows: int = 0):
         self.model, self.teacher, self.alpha, self.rng, self.min_rows = model, teacher, alpha, rng, min_rows
+        self.chunk_rows = chunk_rows
         self.rho = np.full(teacher.num_tasks, RHO_INIT)
         self.stats = RetentionStats(len(self.rho))
 
+    def _subsets(self, batch_size: int) -> list[np.ndarray]:
+        subsets = sample_subsets(self.rho, batch_size, self.rng, self.min_rows)
+        self.stats.add(self.rho, subsets)
+        return subsets
+
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         masks = self.model.masks(s)
-        subsets = sample_subsets(self.rho, len(src), self.rng, self.min_rows)
-        self.stats.add(self.rho, subsets)
-        past = list(enumerate(subsets))
+        past = list(enumerate(self._subsets(len(src))))
         with torch.no_grad():
             teacher_masks = self.teacher.masks(s)
             teacher_logits = self.teacher.task_logits(src, past, teacher_masks)
@@ -130,6 +157,46 @@ class RetentionStep:
         loss = loss + self.alpha * knowledge_retention_loss(student_logits, teacher_logits, self.rho)
         self.rho = update_rho(teacher_masks, masks[-1])  # used by the next batch
         return loss
+
+    def backward(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
+        batch, new = len(src), self.model.num_tasks - 1
+        if not self.chunk_rows or batch + sum(subset_sizes(self.rho, batch, self.min_rows)) <= self.chunk_rows:
+            return super().backward(src, tgt, s)
+        masks = self.model.masks(s)
+        leaf = masks.detach().requires_grad_(True)  # chunks meet here; one backward through the masks
+        subsets = self._subsets(batch)
+        with torch.no_grad():
+            teacher_masks = self.teacher.masks(s)
+        weights = self.rho / self.rho.sum()
+        # every stacked row as (task, row of the batch), in the unchunked step's order
+        task_of = np.concatenate([np.full(len(sub), i) for i, sub in enumerate(subsets)] + [np.full(batch, new)])
+        row_of = np.concatenate([*subsets, np.arange(batch)])
+        total = torch.zeros((), dtype=torch.float64, device=src.device)
+        for start in range(0, len(row_of), self.chunk_rows):
+            tasks, rows = task_of[start:start + self.chunk_rows], row_of[start:start + self.chunk_rows]
+            groups = [(int(t), torch.as_tensor(rows[tasks == t], device=src.device)) for t in np.unique(tasks)]
+            past = [(t, r) for t, r in groups if t != new]
+            with torch.no_grad():
+                teacher_logits = self.teacher.task_logits(src, past, teacher_masks) if past else []
+            student_logits = self.model.task_logits(src, groups, leaf)
+            teacher_of = dict(zip([t for t, _ in past], teacher_logits))
+            terms = []
+            for (t, r), logits in zip(groups, student_logits):
+                if t == new:
+                    terms.append(F.cross_entropy(logits, tgt[r], reduction="sum") / batch)
+                else:
+                    denominator = len(subsets[t]) * logits.shape[1]
+                    terms.append(self.alpha * weights[t] * F.mse_loss(logits, teacher_of[t], reduction="sum")
+                                 / denominator)
+            chunk_loss = torch.stack(terms).sum()
+            if not torch.isfinite(chunk_loss):
+                self.rho = update_rho(teacher_masks, masks[-1].detach())
+                return chunk_loss.detach()  # the caller skips the update
+            chunk_loss.backward()
+            total += chunk_loss.detach().double()
+        masks.backward(leaf.grad)
+        self.rho = update_rho(teacher_masks, masks[-1].detach())  # used by the next batch
+        return total.to(masks.dtype)
 
     def state_dict(self) -> dict:
         """What continues this step exactly after a restart: rho, the subsets' generator and the

@@ -46,7 +46,7 @@ class TrainConfig:
 
 
 class Step(Protocol):
-    def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor: ...
+    def backward(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor: ...
 
 
 class Hooks(Protocol):
@@ -94,18 +94,19 @@ def train_step(model: NextItNet, step: Step, optimizer: torch.optim.Optimizer, s
     """One batch: the step's loss under autocast, backward, the hooks around the optimiser step,
     then the clamp of the task embeddings (SPEC 4). A non-finite loss updates nothing (SPEC 5.6)
     and returns None; otherwise the loss."""
-    with autocast(device, amp):
-        loss = step.loss(src, tgt, s)
     optimizer.zero_grad(set_to_none=True)
+    with autocast(device, amp):
+        loss = step.backward(src, tgt, s)
     value = None
     if torch.isfinite(loss):
-        loss.backward()
         if hooks:
             hooks.before_step(s)
         optimizer.step()
         if hooks:
             hooks.after_step()
         value = loss.item()
+    else:
+        optimizer.zero_grad(set_to_none=True)  # a micro-batched step may have accumulated some
     model.task_masks.clamp_()
     return value
 
