@@ -191,12 +191,34 @@ def bad_cases(data, out) -> dict:
         "savepath_is_paths_prefix": ("train_teracon_t2.py", ["--datapath", data["t2"], "--datapath_index", idx,
                                      "--savepath", out / "task1", "--paths", out / "task1.pt", *FAST],
                                      ["--savepath"]),
+        # issue 11: flags that name themselves, outputs over inputs, folders that cannot be written
+        "lr_inf": ("train_task1.py", ["--datapath", data["t1"], "--datapath_index", idx, "--savepath",
+                   out / "task1", *FAST, "--lr", "inf"], ["--lr inf: must be a finite number"]),
+        "smax_nan": ("train_teracon_t3.py", t3(data["t3"], idx, out / "task2.pt", "--smax", "nan"), ["--smax nan"]),
+        "alpha_inf": ("train_teracon_t3.py", t3(data["t3"], idx, out / "task2.pt", "--alpha", "inf"), ["--alpha inf"]),
+        "seed_negative": ("train_teracon_t3.py", t3(data["t3"], idx, out / "task2.pt", "--seed", "-1"), ["--seed -1"]),
+        "seed_too_large": ("train_task1.py", ["--datapath", data["t1"], "--datapath_index", idx, "--savepath",
+                           out / "task1", *FAST, "--seed", "1099511627776"], ["--seed 1099511627776"]),
+        "summary_over_item_index": ("train_teracon_t3.py", ["--datapath", data["t3"], "--datapath_index", idx,
+                                    "--savepath", out / "index", "--paths", out / "task2.pt", *FAST],
+                                    ["--savepath", "index.json", "--datapath_index"]),
+        "item_index_over_task_file": ("train_task1.py", ["--datapath", data["t1"], "--datapath_index", data["t1"],
+                                      "--savepath", out / "task1", *FAST], ["--datapath_index", "--datapath"]),
+        "savepath_below_a_file": ("train_teracon_t3.py", ["--datapath", data["t3"], "--datapath_index", idx,
+                                  "--savepath", out / "task2.pt" / "task3", "--paths", out / "task2.pt", *FAST],
+                                  ["--savepath", "is a file, not a folder"]),
+        "unfinished_previous_run": ("train_teracon_t3.py", t3(paths=out / "unfinished.pt"),
+                                    ["unfinished.pt", "did not finish", "--accept_unfinished"]),
+        "evaluate_json_over_checkpoint": ("evaluate.py", ["--paths", out / "task3.pt", "--json", out / "task3.pt"],
+                                          ["--json", "--paths"]),
     }
 
 
 BAD = ["checkpoint_of_wrong_task_count", "item_index_of_other_task1_file", "missing_data_file",
        "malformed_task3_line", "malformed_task1_line", "device_cuda", "evaluate_device_cuda",
-       "savepath_is_paths_prefix"]
+       "savepath_is_paths_prefix", "lr_inf", "smax_nan", "alpha_inf", "seed_negative", "seed_too_large",
+       "summary_over_item_index", "item_index_over_task_file", "savepath_below_a_file", "unfinished_previous_run",
+       "evaluate_json_over_checkpoint"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -207,6 +229,11 @@ def test_bad_input_is_one_error_line_and_leaves_files_untouched(seq_a, data, cas
     if "cuda" in case and torch.cuda.is_available():
         pytest.skip("CUDA is present here")
     out = seq_a["dir"]
+    if case == "unfinished_previous_run" and not (out / "unfinished.pt").exists():
+        # a task-2 checkpoint whose run summary says the run was killed before it finished
+        (out / "unfinished.pt").write_bytes((out / "task2.pt").read_bytes())
+        summary = json.loads((out / "task2.json").read_text())
+        (out / "unfinished.json").write_text(json.dumps(dict(summary, finished=False)))
     script, args, needles = bad_cases(data, out)[case]
     before = file_hashes(out)
     assert {"task1.pt", "task1.json", "task2.pt", "task3.pt", "index.json"} <= set(before)
@@ -231,3 +258,26 @@ def test_too_few_examples_error_states_a_sufficient_minimum(tmp_path):
     rc, so, se = run_script("train_task1.py", "--datapath", enough, "--datapath_index", tmp_path / "i.json",
                             "--savepath", tmp_path / "task1", *FAST, "--epochs", "1", cwd=tmp_path)
     assert rc == 0, f"{need} examples, as the error asked, are refused: {se.strip().splitlines()[-1]}"
+
+
+def test_a_diverging_run_is_an_error_not_a_score(tmp_path):
+    """--lr 1e30 drives the weights to inf/NaN: training ends with one error line naming the
+    epoch, never with a finished run whose NaN scores would count as hits (a checkpoint of an
+    earlier, finite epoch stays marked unfinished, so the next task refuses it)."""
+    t1 = write_task1(tmp_path / "t1.csv", lines=60)
+    rc, so, se = run_script("train_task1.py", "--datapath", t1, "--datapath_index", tmp_path / "i.json",
+                            "--savepath", tmp_path / "task1", *FAST, "--lr", "1e30", "--epochs", "2", cwd=tmp_path)
+    line = se.strip().splitlines()[-1]
+    assert rc == 2 and "Traceback" not in se, se
+    assert re.match(r"error: task 1 epoch \d+: .*non-finite", line), line
+    if (tmp_path / "task1.pt").exists():
+        assert json.loads((tmp_path / "task1.json").read_text())["finished"] is False
+
+
+@pytest.mark.parametrize("args, needle", [(["--max_epochs", "0"], "--max_epochs 0: must be an integer of at least 1"),
+                                          (["--max_epochs", "-1"], "--max_epochs -1"),
+                                          (["--seeds", "0", "-1"], "--seeds -1")])
+def test_reproduce_flags_name_themselves(tmp_path, args, needle):
+    rc, so, se = run_script("reproduce.py", "--out", tmp_path, *args, cwd=tmp_path)
+    assert_user_error(rc, se, needle)
+    assert list(tmp_path.iterdir()) == []
