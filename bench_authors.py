@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=1426, help="items (task-1 head size)")
     p.add_argument("--length", type=int, default=50, help="positions a sequence is encoded over")
     p.add_argument("--channels", type=int, default=256, help="channels C")
+    p.add_argument("--chunk_rows", type=int, default=-1, help="our task-n step's micro-batch rows, as the "
+                   "training scripts' flag: -1 = auto (cli.auto_chunk_rows), 0 = one pass (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -256,6 +258,7 @@ def ours_task1(a, batch: int, amp: str):
 def ours_taskn(a, batch: int, amp: str):
     import bench
     from nextitnet import NextItNet
+    from cli import auto_chunk_rows
     from teracon import RetentionStep
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -264,7 +267,9 @@ def ours_taskn(a, batch: int, amp: str):
     model = copy.deepcopy(teacher)
     model.add_task(sizes[-1])
     teacher.eval().requires_grad_(False)
-    step = bench.PinnedRho(RetentionStep(model, teacher, alpha=ALPHA, rng=np.random.default_rng(0)),
+    chunk_rows = a.chunk_rows if a.chunk_rows >= 0 else auto_chunk_rows(device, a.length, a.channels)
+    step = bench.PinnedRho(RetentionStep(model, teacher, alpha=ALPHA, rng=np.random.default_rng(0),
+                                         chunk_rows=chunk_rows),
                            np.full(a.task - 1, a.rho))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=0.0)
     src = torch.randint(1, a.items, (batch, a.length))
