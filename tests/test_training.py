@@ -18,7 +18,7 @@ import teracon
 import trainer
 from nextitnet import NextItNet
 from utils import UserError
-from teracon import (NewTaskStep, RetentionStep, anneal_s, knowledge_retention_loss, sample_subsets,
+from teracon import (NewTaskStep, RetentionStep, Step, anneal_s, knowledge_retention_loss, sample_subsets,
                      update_rho)
 from trainer import TrainConfig, evaluate
 
@@ -87,19 +87,7 @@ def test_anneal_s_first_middle_last_batch():
     assert anneal_s(3, B, smax) < smax
 
 
-class StubStep:
-    """Base of the hand-made steps below: they define `loss`; `backward` (the loss's gradients
-    when finite, the loss detached) serves a trainer that asks the step for its backward pass
-    (micro-batched steps) rather than for its loss."""
-
-    def backward(self, src, tgt, s):
-        loss = self.loss(src, tgt, s)
-        if torch.isfinite(loss):
-            loss.backward()
-        return loss.detach()
-
-
-class RecordingStep(StubStep):
+class RecordingStep(Step):
     """A training step that records the s of every batch; its loss is a harmless function of
     the parameters."""
 
@@ -392,7 +380,7 @@ def test_teacher_of_task_two_uses_plain_task1_mask():
 
 # ------------------------------------------------------------------------- the loop
 
-class NanStep(StubStep):
+class NanStep(Step):
     def __init__(self, model):
         self.model, self.calls = model, 0
 
@@ -433,7 +421,7 @@ def test_finite_loss_steps_and_clamps():
     before = model.heads[1].weight.detach().clone()
     data = make_taskdata(2, 60, 4)
 
-    class CEStep(StubStep):
+    class CEStep(Step):
         def loss(self, src, tgt, s):
             return F.cross_entropy(model.heads[1](model.encode(src, model.masks(s)[1:2])[:, -1]), tgt)
     summary = trainer.train(model, CEStep(), data, train_args(epochs=1, batch=16), torch.device("cpu"),
