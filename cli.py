@@ -163,87 +163,106 @@ def load_data(args: argparse.Namespace) -> tuple[dl.TaskData, dict | None, np.nd
     return data, prev, items
 
 
+class TaskRun:
+    """One task's training run: its data, method, model and step, and the files it writes
+    (PREFIX.pt at every new best epoch, PREFIX.json after every epoch, PREFIX.resume.pt)."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args, self.device = args, device
+        self.ckpt_out, self.summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
+        self.resume_out = resume_path(args.savepath)
+        self.data, self.prev, self.items = load_data(args)
+        if args.chunk_rows < 0:
+            args.chunk_rows = auto_chunk_rows(device, self.data.sources.shape[1],
+                                              self.prev["config"]["channels"] if self.prev else 0)
+        self.method = METHODS[args.method](args, args.task, self.prev, device)
+        self.model, teacher = self.method.build(len(self.items) + 1, self.data.num_classes)
+        self.model.to(device)
+        self.method.prepare(self.model)
+        self.step = self.method.step(self.model, teacher)
+        self.config = TrainConfig.from_args(args)
+        self.run_args = dict(vars(args))
+        self.task_entry = {"task": args.task, "name": self.data.name, "file": self.data.path,
+                           "file_sha256": sha256_file(self.data.path), "num_classes": self.data.num_classes,
+                           "metric": self.data.kind, "seed": args.seed, "split_by": args.split_by,
+                           "split_sizes": {k: len(v) for k, v in self.data.splits.items()}}
+        # a resumable state is only valid for the same inputs, byte for byte
+        self.resume_args = dict(self.run_args, datapath_sha256=self.task_entry["file_sha256"],
+                                paths_sha256=sha256_file(args.paths) if args.task > 1 else None)
+
+    def save(self, summary: dict, checkpoint: bool = True) -> None:
+        """The checkpoint (at a new best epoch) and the run summary (after every epoch)."""
+        entry = dict(self.task_entry, best_epoch=summary["best_epoch"], test=summary["test"])
+        if checkpoint:
+            save_checkpoint(self.ckpt_out, method=self.args.method, model=self.model,
+                            tasks=(self.prev["tasks"] if self.prev else []) + [entry], items=self.items,
+                            args=self.run_args, extras=self.method.extras())
+        atomic_write_json(self.summary_out, {"task": entry, "method": self.args.method, "args": self.run_args,
+                                             "checkpoint": str(self.ckpt_out), "versions": library_versions(),
+                                             **summary})
+
+    def snapshot(self, progress: Progress, optimizer: torch.optim.Optimizer) -> None:
+        """The resumable state (`--resume`)."""
+        save_resume_state(self.resume_out, args=self.resume_args, progress=asdict(progress), model=self.model,
+                          optimizer=optimizer, step_state=getattr(self.step, "state_dict", dict)(),
+                          method_state=self.method.state_dict())
+
+    def restore(self) -> dict:
+        """Weights, method and step as the resumable state holds them; returns the state."""
+        state = load_resume_state(self.resume_out, self.resume_args)
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        if hasattr(self.step, "load_state_dict"):
+            self.step.load_state_dict(state["step"])
+        log.info("task %d: resuming %s phase at epoch %d, batch %d (%s)", self.args.task, state["progress"]["phase"],
+                 state["progress"]["epoch"], state["progress"]["batch"], self.resume_out)
+        return state
+
+    def fit(self, epochs: int | None = None, phase: str = "train", summary: dict | None = None,
+            resume: dict | None = None) -> dict:
+        return train(self.model, self.step, self.data, self.config, self.device, self.save, self.method.hooks(),
+                     epochs=epochs, summary=summary, phase=phase, resume=resume, snapshot=self.snapshot)
+
+    def run(self) -> dict:
+        """Fit (from the resumable state with --resume), then what the method does after the fit."""
+        state = self.restore() if self.args.resume else None
+        if state is None or state["progress"]["phase"] == "train":
+            summary = self.fit(resume=state)
+            summary = self.method.after_fit(self.model, lambda: reload_weights(self.model, self.ckpt_out),
+                                            lambda **kw: self.fit(summary=summary, **kw)) or summary
+        else:  # a later phase (CONURE's retraining) continues where it stopped
+            summary = self.fit(resume=state)
+        summary["finished"] = True
+        self.save(summary, checkpoint=False)
+        self.resume_out.unlink(missing_ok=True)  # a finished run has nothing to resume
+        return summary
+
+
 def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     """Train one task with its method; writes PREFIX.pt (best validation epoch) and PREFIX.json."""
     args = build_parser(task).parse_args(argv)
     args = resolve_args(args, task or args.task)
     device = resolve_device(args.device)
     set_seed(args.seed)
-    task = args.task
-    ckpt_out, summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
-    resume_out = resume_path(args.savepath)
-    outputs = {"--savepath": [ckpt_out, summary_out, resume_out]}
-    if task == 1:
-        outputs["--datapath_index"] = args.datapath_index
+    outputs = {"--savepath": [Path(args.savepath + ".pt"), Path(args.savepath + ".json"), resume_path(args.savepath)]}
     inputs = {"--datapath": args.datapath}
-    if task > 1:
+    if args.task == 1:
+        outputs["--datapath_index"] = args.datapath_index
+    else:
         inputs.update({"--paths": [args.paths, summary_path(args.paths)], "--datapath_index": args.datapath_index})
     check_outputs(outputs, inputs)  # before any training: never write over an input, never fail late
 
-    data, prev, items = load_data(args)
-    if args.chunk_rows < 0:
-        args.chunk_rows = auto_chunk_rows(device, data.sources.shape[1], prev["config"]["channels"] if prev else 0)
-    method = METHODS[args.method](args, task, prev, device)
-    model, teacher = method.build(len(items) + 1, data.num_classes)
-    model.to(device)
-    method.prepare(model)
-    step = method.step(model, teacher)
-    n = {k: len(v) for k, v in data.splits.items()}
+    run = TaskRun(args, device)
+    data, n = run.data, run.task_entry["split_sizes"]
     log.info("task %d (%s), method %s: %s, %d classes (%s), split train/valid/test %d/%d/%d, device %s",
-             task, data.name, args.method, data.path, data.num_classes, data.kind, n["train"], n["valid"],
+             args.task, data.name, args.method, data.path, data.num_classes, data.kind, n["train"], n["valid"],
              n["test"], device)
-    if task == 1:
-        dl.save_item_index(args.datapath_index, items, args.datapath)
-    run_args = dict(vars(args))
-    task_entry = {"task": task, "name": data.name, "file": data.path, "file_sha256": sha256_file(data.path),
-                  "num_classes": data.num_classes, "metric": data.kind, "seed": args.seed,
-                  "split_by": args.split_by, "split_sizes": n}
-    history = prev["tasks"] if prev else []
-
-    def save(summary: dict, checkpoint: bool = True) -> None:
-        """The checkpoint (at a new best epoch) and the run summary (after every epoch)."""
-        entry = dict(task_entry, best_epoch=summary["best_epoch"], test=summary["test"])
-        if checkpoint:
-            save_checkpoint(ckpt_out, method=args.method, model=model, tasks=history + [entry], items=items,
-                            args=run_args, extras=method.extras())
-        atomic_write_json(summary_out, {"task": entry, "method": args.method, "args": run_args,
-                                        "checkpoint": str(ckpt_out), "versions": library_versions(), **summary})
-
-    # a resumable state is only valid for the same inputs, byte for byte
-    resume_args = dict(run_args, datapath_sha256=task_entry["file_sha256"],
-                       paths_sha256=sha256_file(args.paths) if task > 1 else None)
-
-    def snapshot(progress: Progress, optimizer: torch.optim.Optimizer) -> None:
-        save_resume_state(resume_out, args=resume_args, progress=asdict(progress), model=model, optimizer=optimizer,
-                          step_state=step.state_dict() if hasattr(step, "state_dict") else {},
-                          method_state=method.state_dict())
-
-    def fit(epochs: int | None = None, phase: str = "train", summary: dict | None = None,
-            resume: dict | None = None) -> dict:
-        return train(model, step, data, config, device, save, method.hooks(), epochs=epochs, summary=summary,
-                     phase=phase, resume=resume, snapshot=snapshot)
-
-    config = TrainConfig.from_args(args)
+    if args.task == 1:
+        dl.save_item_index(args.datapath_index, run.items, args.datapath)
     start = time.time()
-    state = load_resume_state(resume_out, resume_args) if args.resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        method.load_state_dict(state["method"])
-        if hasattr(step, "load_state_dict"):
-            step.load_state_dict(state["step"])
-        log.info("task %d: resuming %s phase at epoch %d, batch %d (%s)", task, state["progress"]["phase"],
-                 state["progress"]["epoch"], state["progress"]["batch"], resume_out)
-    if state is None or state["progress"]["phase"] == "train":
-        summary = fit(resume=state)
-        summary = method.after_fit(model, lambda: reload_weights(model, ckpt_out),
-                                   lambda **kw: fit(summary=summary, **kw)) or summary
-    else:  # a later phase (CONURE's retraining) continues where it stopped
-        summary = fit(resume=state)
-    summary["finished"] = True
-    save(summary, checkpoint=False)
-    resume_out.unlink(missing_ok=True)  # a finished run has nothing to resume
-    log.info("task %d done in %.1fs: best epoch %s, test %s -> %s", task, time.time() - start,
-             summary["best_epoch"], format_metrics(summary["test"]), ckpt_out)
+    summary = run.run()
+    log.info("task %d done in %.1fs: best epoch %s, test %s -> %s", args.task, time.time() - start,
+             summary["best_epoch"], format_metrics(summary["test"]), run.ckpt_out)
     return summary
 
 
