@@ -104,7 +104,7 @@ def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, ar
             resume_path(str(prefix)).unlink(missing_ok=True)
         rerun = True  # every later stage depends on this one
         log.info("[%s seed %d] stage %d/%d: task %d (%s)", method, seed, i + 1, len(tasks), task, name)
-        flags = dict(preset["task1" if task == 1 else "taskn"])
+        flags = dict(preset["task1" if task == 1 else "taskn"], amp=args.amp)
         if args.max_epochs:  # a cap on every phase of training (CONURE's retraining too)
             flags["epochs"] = min(flags["epochs"], args.max_epochs)
             flags["retrain_epochs"] = args.max_epochs
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "method's first seed")
     p.add_argument("--force", action="store_true", help="retrain stages that are already done")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="precision of every stage: bf16 "
+                   "autocast pays on CUDA and on CPUs with AMX or AVX512-BF16 (default %(default)s)")
     args = p.parse_args(argv)
 
     start = time.time()
