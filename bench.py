@@ -4,15 +4,16 @@ Times, with the project's own code (`NextItNet`, `Task1Step`, `RetentionStep`, `
 
 * task 1: one training step of `Task1Step` (next-item loss on every position through
   `next_item_loss`, chunked when the logits would be large) at batch `--batch1`;
-* task n (n in `--tasks`): one training step of `TaskNStep` at batch `--batchn`, with the
+* task n (n in `--tasks`): one training step of `RetentionStep` (one pass, no micro-batching)
+  at batch `--batchn`, with the
   sampling ratio of every past task pinned to each value of `--rhos` (the step updates rho
   itself, so it is reset before every call);
 * evaluation: one `evaluate` call over `--batch-eval` sequences, for task 1 (scores over all
   items) and for the largest task n of `--tasks` (relation-aware masks, 1000-class head).
 
-One timed training step is what the training loop does per batch: `step.loss` under
-`trainer.autocast`, `backward`, `optimizer.step` (Adam), and the clamp of the task
-embeddings. Every case is timed `--repeats` times after `--warmup` untimed runs; the table
+One timed training step is what the training loop does per batch, `trainer.train_step`: the
+step's forward and backward under `trainer.autocast`, `optimizer.step` (Adam), and the clamp of
+the task embeddings. Every case is timed `--repeats` times after `--warmup` untimed runs; the table
 shows the median (and the min-max spread, to judge noise: other processes may share the CPU,
 and with 2 OpenMP threads on 2 busy cores a step can take several times longer; `--threads`
 sets torch's thread count). Data are random item ids; the mask scale is fixed (s = 25 in
@@ -39,8 +40,8 @@ FLOP/s this process measures on the same device for the same dtype: a large squa
 `torch.matmul` (2048^3 on CPU, shrunk while one call takes over ~1 s, e.g. for bf16 on a CPU
 without native bf16; 8192^3 on CUDA), in fp32 or bf16 as `--amp`, the best of 5 calls,
 measured before and after the cases and the better of the two kept (other processes may
-share the machine). The JSON also holds the rate of the model's own conv GEMM shape
-([M, kC] x [kC, C] through F.linear under autocast) for comparison.
+share the machine). The JSON also holds the rate of a GEMM of the convolution's shape
+([M, kC] x [kC, C] through F.linear under autocast; the model itself runs F.conv1d) for comparison.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` (reset before every case); on CPU
 the resident-set high-water mark of the whole process (`resource.getrusage().ru_maxrss`),

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", nargs="+", type=int, default=[1024], help="task-n batch size(s)")
     p.add_argument("--batch1", type=int, default=32, help="task-1 batch size")
     p.add_argument("--amp", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
-                   help="precision(s) of our step (teracon.autocast); the authors' is fp32")
+                   help="precision(s) of our step (trainer.autocast); the authors' is fp32")
     p.add_argument("--task", type=int, default=6, help="task n of the task-n step (n-1 past tasks)")
     p.add_argument("--rho", type=float, default=0.05, help="sampling ratio of every past task")
     p.add_argument("--items", type=int, default=1426, help="items (task-1 head size)")
@@ -122,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     problems += [f"--batch {b}: must be at least 1" for b in a.batch if b < 1]
     if a.length < 2:
         problems.append(f"--length {a.length}: need at least 2")
+    if a.chunk_rows < -1:
+        problems.append(f"--chunk_rows {a.chunk_rows}: must be -1 (auto), 0 (one pass) or positive")
     if a.warmup < 0:
         problems.append(f"--warmup {a.warmup}: must be at least 0")
     if a.threads is not None and a.threads < 1:
@@ -258,8 +260,7 @@ def ours_task1(a, batch: int, amp: str):
 def ours_taskn(a, batch: int, amp: str):
     import bench
     from nextitnet import NextItNet
-    from cli import auto_chunk_rows
-    from teracon import RetentionStep
+    from teracon import RetentionStep, auto_chunk_rows
     torch.manual_seed(0)
     device = torch.device("cpu")
     sizes = head_sizes(a.items, a.task)
@@ -315,7 +316,7 @@ def measure_memory(a, case: str, batch: int, variant: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", case, str(batch), variant,
            "--authors", a.authors, "--task", str(a.task), "--rho", str(a.rho), "--items", str(a.items),
            "--length", str(a.length), "--channels", str(a.channels), "--batch1", str(a.batch1),
-           "--memory-steps", str(a.memory_steps)]
+           "--memory-steps", str(a.memory_steps), "--chunk_rows", str(a.chunk_rows)]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
             "authors": os.path.abspath(a.authors), "task": a.task, "rho": a.rho, "items": a.items,
             "length": a.length, "channels": a.channels, "head_sizes": head_sizes(a.items, a.task),
             "repeats": a.repeats, "warmup": a.warmup,
-            "memory": None if a.no_memory else "fresh process per case and variant: peak = ru_maxrss after "
+            "memory": None if a.no_memory else "fresh process per case and variant: peak = VmHWM after "
             f"building the models and running {a.memory_steps} step(s); step = peak - RSS before the first step"}
     print(f"cpu {meta['cpu']}, torch {meta['torch']} ({meta['cpu_capability']}), {meta['threads']} threads; "
           f"C {a.channels}, length {a.length}, {a.items} items, task {a.task}, rho {a.rho}; "

@@ -96,13 +96,40 @@ def load_checkpoint(path: str | Path) -> dict:
     problem = checkpoint_problem(ckpt)
     if problem:
         raise UserError(f"{path}: not a TERACON checkpoint ({problem})")
-    return upgrade(ckpt)
+    ckpt = upgrade(ckpt)
+    problem = extras_problem(ckpt)
+    if problem:
+        raise UserError(f"{path}: not a TERACON checkpoint ({problem})")
+    return ckpt
+
+
+def extras_problem(ckpt: dict) -> str | None:
+    """What is wrong with the method's own entries (HAT's cumulative mask, CONURE's owners), or None."""
+    method = ckpt.get("method", "teracon")
+    if method not in ("hat", "conure"):
+        return None
+    try:
+        channels, kernel = int(ckpt["config"]["channels"]), int(ckpt["config"].get("kernel", 3))
+        layers = 2 * len(ckpt["config"]["dilations"])
+    except (KeyError, TypeError, ValueError):
+        return "config lacks channels or dilations"
+    if method == "hat":
+        cumulative = ckpt.get("hat_cumulative")
+        if not isinstance(cumulative, torch.Tensor) or tuple(cumulative.shape) != (layers, channels):
+            return f"hat_cumulative is not a [{layers}, {channels}] tensor"
+    if method == "conure":
+        owner = ckpt.get("conure_owner")
+        if not (isinstance(owner, list) and len(owner) == layers and all(
+                isinstance(o, torch.Tensor) and tuple(o.shape) == (channels, channels, kernel) for o in owner)):
+            return f"conure_owner is not {layers} tensors of shape [{channels}, {channels}, {kernel}]"
+    return None
 
 
 def upgrade(ckpt: dict) -> dict:
     """Read a checkpoint of format teracon/1 (before the methods owned their state) as teracon/2:
-    its config's `owned` flag goes, and CONURE's weight owners move from conv buffers
-    (`blocks.B.convK.owner`) to `conure_owner`, in the model's conv order."""
+    its config's `owned` flag goes, CONURE's weight owners move from conv buffers
+    (`blocks.B.convK.owner`) to `conure_owner`, in the model's conv order, and SinMo's one-task
+    models say which task they serve (`first_task`)."""
     if ckpt.get("format") != "teracon/1":
         return ckpt
     ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k != "owned"}
@@ -110,8 +137,12 @@ def upgrade(ckpt: dict) -> dict:
                     key=lambda k: (int(k.split(".")[1]), k))
     if owners:
         ckpt["conure_owner"] = [ckpt["state_dict"].pop(k) for k in owners]
-    for member in ckpt.get("members", []):
+    for i, member in enumerate(ckpt.get("members", [])):
         member["config"] = {k: v for k, v in member["config"].items() if k != "owned"}
+        if ckpt.get("method") == "sinmo":  # member i is the one-task model of task i + 1
+            member["config"].setdefault("first_task", i + 1)
+    if ckpt.get("method") == "sinmo":
+        ckpt["config"].setdefault("first_task", len(ckpt["tasks"]))
     ckpt["format"] = FORMAT
     return ckpt
 
@@ -161,8 +192,9 @@ def load_previous(path: str, index_path: str, task: int, method: str, accept_unf
 # ------------------------------------------------------------------------ resumable state
 
 RESUME_FORMAT = "teracon-resume/1"
-# flags that may differ between a run and its --resume (they change nothing that is computed)
-RESUME_FREE_FLAGS = {"resume", "save_every", "quiet", "device", "accept_unfinished", "chunk_rows"}
+# flags that may differ between a run and its --resume: none of them changes what is computed,
+# except --device (float kernels differ between devices: bit for bit only on the same one)
+RESUME_FREE_FLAGS = {"resume", "save_every", "quiet", "device", "accept_unfinished"}
 
 
 def resume_path(savepath: str) -> Path:
@@ -198,9 +230,9 @@ def load_resume_state(path: Path, args: dict) -> dict:
         k = differ[0]
         if k.endswith("_sha256"):
             raise UserError(f"{path}: the file of --{k[:-len('_sha256')]} changed since this state was written; "
-                            "run without --resume")
+                            "delete this file and run without --resume")
         raise UserError(f"{path}: written by a run with --{k} {clip(repr(state['args'].get(k)))}, not "
-                        f"{clip(repr(args.get(k)))}; resume with the same flags")
+                        f"{clip(repr(args.get(k)))}; resume with the same flags, or delete this file to start over")
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     kind, key, *rest = state["rng"]["numpy"]

@@ -19,7 +19,7 @@ from checkpoint import (load_checkpoint, load_previous, load_resume_state, resum
                         save_resume_state, summary_path)
 from methods import METHODS
 from nextitnet import CHANNELS, DILATIONS, NextItNet
-from teracon import ALPHA
+from teracon import ALPHA, auto_chunk_rows
 from trainer import Progress, TrainConfig, format_metrics, train
 from utils import (UserError, atomic_write_json, check_outputs, finite_float, library_versions, resolve_device,
                    seed_int, set_seed, sha256_file)
@@ -264,14 +264,6 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     log.info("task %d done in %.1fs: best epoch %s, test %s -> %s", args.task, time.time() - start,
              summary["best_epoch"], format_metrics(summary["test"]), run.ckpt_out)
     return summary
-
-
-def auto_chunk_rows(device: torch.device, length: int, channels: int, cache_bytes: int = 8 << 20) -> int:
-    """Rows per micro-batch on a CPU: one fp32 activation [rows, length, C] within `cache_bytes`
-    (at batch 1024 the stacked rows fall out of the cache otherwise); off on CUDA."""
-    if device.type != "cpu" or channels == 0:
-        return 0
-    return max(16, cache_bytes // (length * channels * 4))
 
 
 def reload_weights(model: NextItNet, path: Path) -> None:

@@ -67,7 +67,7 @@ class Teracon:
         if teacher is not None:
             return RetentionStep(model, teacher, self.args.alpha, np.random.default_rng([self.args.seed, 1]),
                                  min_rows=self.args.min_retention_rows, chunk_rows=self.args.chunk_rows)
-        return NewTaskStep(model, self.penalty if self.task > 1 else None)
+        return NewTaskStep(model, self.penalty)
 
     penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
 

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from evaluate import evaluate_checkpoint
+from results import MAIN_METRIC
 from nextitnet import NextItNet
 from checkpoint import load_checkpoint, smax_of
 from utils import UserError, atomic_write, atomic_write_text, read_json, run_cli
 
 log = logging.getLogger("teracon")
-MAIN_METRIC = {"ranking": "mrr@5", "accuracy": "accuracy"}
 
 
 @torch.no_grad()
@@ -58,7 +58,8 @@ def forgetting(checkpoints: list[Path], device: str = "auto") -> tuple[list[str]
     matrix = checkpoints[-1].parent / "matrix.json"
     rows = None
     if matrix.is_file():
-        after = read_json(matrix).get("after")
+        after = read_json(matrix)
+        after = after.get("after") if isinstance(after, dict) else None
         if isinstance(after, list) and len(after) == len(checkpoints):
             rows = after
     rows = rows or [evaluate_checkpoint(p, device) for p in checkpoints]

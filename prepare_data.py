@@ -852,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=_positive, default=40, help="number of items (default 40)")
     p.add_argument("--seq_len", type=_positive, default=10, help="sequence length (default 10)")
     p.add_argument("--tasks", type=_positive, default=6, help="number of tasks, >= 2 (default 6)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=utils.seed_type("--seed"), default=0, help="random seed (default 0)")
     return parser
 
 

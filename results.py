@@ -23,7 +23,7 @@ import torch
 import data_loader as dl
 from evaluate import load_task_data
 from checkpoint import load_checkpoint
-from utils import metric_sums, rank_of_target
+from utils import metrics_from_ranks
 
 MAIN_METRIC = {"ranking": "mrr@5", "accuracy": "accuracy"}
 REPORTED = {"ranking": ("mrr@5", "ndcg@5", "hr@5"), "accuracy": ("accuracy",)}
@@ -48,15 +48,11 @@ def reference_metrics(data: dl.TaskData, split: str = "test") -> dict[str, float
     """Metrics of one fixed ranking for every example: classes by training frequency, ties by the
     lower class index (no ties left, so no optimistic ranks)."""
     counts = training_counts(data)
-    k = len(counts)
-    scores = torch.from_numpy(counts + (k - np.arange(k)) / (k + 1.0))  # a strict order
-    idx = data.splits[split]
-    if data.task == 1:
-        targets = data.sources[torch.from_numpy(idx)][:, -1]
-    else:
-        targets = data.targets[torch.from_numpy(idx)]
-    ranks = rank_of_target(scores.expand(len(targets), k), targets)
-    return {name: v / max(len(idx), 1) for name, v in metric_sums(ranks, data.kind).items()}
+    order = np.lexsort((np.arange(len(counts)), -counts))  # most frequent first, ties by lower index
+    rank_of_class = torch.from_numpy(np.argsort(order))     # 0-based rank of each class
+    idx = torch.from_numpy(data.splits[split])
+    targets = data.sources[idx][:, -1] if data.task == 1 else data.targets[idx]
+    return metrics_from_ranks(rank_of_class[targets], data.kind)
 
 
 def reference_rows(checkpoint: str) -> list[dict]:

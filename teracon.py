@@ -84,7 +84,8 @@ def mask_mean(masks: torch.Tensor) -> torch.Tensor:
 
 class Step:
     """A training step: `loss` of a batch at annealing scale s; `backward` also accumulates its
-    gradients (none when the loss is not finite, SPEC 5.6) and returns the loss, detached."""
+    gradients and returns the loss, detached. A non-finite loss updates nothing (SPEC 5.6):
+    `trainer.train_step` then clears whatever gradients a micro-batched step accumulated."""
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         raise NotImplementedError
@@ -123,6 +124,14 @@ class NewTaskStep(Step):
         [logits] = self.model.task_logits(src, [(self.model.num_tasks - 1, None)], masks)
         loss = F.cross_entropy(logits, tgt)
         return loss + self.penalty(masks) if self.penalty else loss
+
+
+def auto_chunk_rows(device: torch.device, length: int, channels: int, cache_bytes: int = 8 << 20) -> int:
+    """Rows per micro-batch on a CPU: one fp32 activation [rows, length, C] within `cache_bytes`
+    (at batch 1024 the stacked rows fall out of the cache otherwise); off on CUDA."""
+    if device.type != "cpu" or channels == 0:
+        return 0
+    return max(16, cache_bytes // (length * channels * 4))
 
 
 class RetentionStep(Step):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import data_loader as dl
 from nextitnet import NextItNet
-from teracon import anneal_s
+from teracon import Step, anneal_s
 from utils import UserError, check_finite_model, metric_sums, rank_of_target
 
 log = logging.getLogger("teracon")
@@ -43,10 +43,6 @@ class TrainConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
-
-
-class Step(Protocol):
-    def backward(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor: ...
 
 
 class Hooks(Protocol):
@@ -183,6 +179,8 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
         summary = summary or {"epochs": [], "best_epoch": None, "valid": None, "test": None, "finished": False}
         first = len(summary["epochs"]) + 1
         progress = Progress(phase, first, epochs or config.epochs, first, 0, rng.bit_generator.state, summary=summary)
+        if snapshot and first > 1:  # a later phase (CONURE's retraining) resumes from its own start
+            snapshot(progress, optimizer)
     summary, phase = progress.summary, progress.phase
     train_idx = data.splits["train"]
     batches_per_epoch = len(train_idx) / config.batch

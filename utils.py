@@ -208,10 +208,17 @@ def _unwritable_folder(path: Path) -> str | None:
 
 
 def check_outputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
-    """Before any work: no output may be an input (same file), and every output must be writable.
-    Keys are the flags that name the paths (in messages); a value is a path, a list of paths or None."""
+    """Before any work: no output may be an input or another output (same file), and every output
+    must be writable. Keys are the flags that name the paths (in messages); a value is a path, a
+    list of paths or None."""
+    written: list[tuple[str, Path]] = []
     for out_flag, out_value in outputs.items():
         for out in _paths(out_value):
+            for other_flag, other in written:
+                if _same_file(out, other):
+                    raise UserError(f"{out_flag} {clip(str(out), 200)}: is also written as {other_flag} "
+                                    f"{clip(str(other), 200)}; one would overwrite the other")
+            written.append((out_flag, out))
             for in_flag, in_value in inputs.items():
                 for inp in _paths(in_value):
                     if _same_file(out, inp):

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data_loader as dl  # noqa: E402
 from nextitnet import NextItNet  # noqa: E402
 from prepare_data import make_synthetic  # noqa: E402
-from teracon import Task1Step, TaskNStep, anneal_s, autocast  # noqa: E402
+from teracon import RetentionStep, Task1Step, anneal_s  # noqa: E402
+from trainer import autocast  # noqa: E402
 
 
 def first_loss(step_factory, model: NextItNet, data: dl.TaskData, device: torch.device, amp: str) -> float:
@@ -51,7 +52,7 @@ def main() -> int:
 
     def task2_step(model, device):
         teacher = copy.deepcopy(model1).to(device).eval().requires_grad_(False)
-        return TaskNStep(model, teacher, 0.7, np.random.default_rng(0))
+        return RetentionStep(model, teacher, 0.7, np.random.default_rng(0))
 
     worst = 0.0
     for name, model, data, factory in (("task 1", model1, task1, lambda m, d: Task1Step(m, 0.75)),

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import helpers  # noqa: F401  (puts the repository root on sys.path)
-from cli import auto_chunk_rows
 from nextitnet import NextItNet
-from teracon import RetentionStep, sample_subsets, subset_sizes
+from teracon import RetentionStep, auto_chunk_rows, sample_subsets, subset_sizes
 
 
 def _models(num_tasks: int = 4, items: int = 30, channels: int = 8):

@@ -56,3 +56,33 @@ def test_format_1_checkpoint_is_upgraded():
     assert [int(o[0, 0, 0]) for o in new["conure_owner"]] == [1, 2, 11, 12, 21, 22]
     assert set(new["state_dict"]) == set(state)
     NextItNet.from_checkpoint(new)  # loads
+
+
+def test_format_1_sinmo_members_say_which_task_they_serve():
+    """A teracon/1 SinMo checkpoint had no first_task: member i serves task i + 1, the top-level
+    model the last task, so tasks >= 2 read the last position, not task 1's."""
+    model = NextItNet(20, [5], channels=4, dilations=(1,), masked=False)
+    cfg = {k: v for k, v in model.config().items() if k != "first_task"}
+    member = {"config": dict(cfg), "state_dict": model.state_dict()}
+    old = {"format": "teracon/1", "method": "sinmo", "config": dict(cfg), "state_dict": model.state_dict(),
+           "tasks": [{}, {}, {}], "members": [dict(member, config=dict(cfg)), dict(member, config=dict(cfg))]}
+    new = upgrade(old)
+    assert [m["config"]["first_task"] for m in new["members"]] == [1, 2]
+    assert new["config"]["first_task"] == 3
+
+
+def test_checkpoint_with_broken_method_extras_is_refused(tmp_path):
+    """A conure or hat checkpoint whose own entries are missing or misshapen: one UserError."""
+    import pytest
+    from checkpoint import load_checkpoint
+    from utils import UserError
+    model = NextItNet(20, [20], channels=4, dilations=(1,), masked=False)
+    task = {"task": 1, "name": "t", "file": "f", "file_sha256": "0", "num_classes": 20, "metric": "ranking",
+            "seed": 0, "split_by": "example"}
+    base = {"format": FORMAT, "config": model.config(), "state_dict": model.state_dict(), "tasks": [task],
+            "item_index": {"checksum": "0", "num_items": 20}, "args": {"smax": 50.0}}
+    for method, extra, needle in (("conure", {"conure_owner": [torch.zeros(4, 4, 3)]}, "conure_owner"),
+                                  ("hat", {"hat_cumulative": torch.zeros(3, 4)}, "hat_cumulative")):
+        torch.save(dict(base, method=method, **extra), tmp_path / "c.pt")
+        with pytest.raises(UserError, match=f"c.pt: not a TERACON checkpoint .*{needle}"):
+            load_checkpoint(tmp_path / "c.pt")
