@@ -6,6 +6,7 @@ the click target and the class label are functions of the last item of the sourc
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,11 +70,13 @@ def write_task_classes(path: Path, lines: int = 200, length: int = SEQ_LEN, num_
     return path
 
 
-def run_script(script: str, *args: str, cwd: Path | str | None = None, timeout: float = 300
-               ) -> tuple[int, str, str]:
-    """Run a repository script with this interpreter; returns (exit code, stdout, stderr)."""
+def run_script(script: str, *args: str, cwd: Path | str | None = None, timeout: float = 300,
+               env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run a repository script with this interpreter (`env`: extra environment variables);
+    returns (exit code, stdout, stderr)."""
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -4,7 +4,8 @@ checkpoint of every method that the code before it (commit a7139dd) gave.
 `tests/data/pre_redesign.pt` holds, per method, the task-3 state_dict made before the redesign
 (plus `hat_cumulative` for hat; CONURE's owners, then conv buffers, as the state_dict keys
 `blocks.{b}.conv{1,2}.owner`) and `cpu_capability`, the torch CPU capability of the machine
-that made it. The recipe is run again here through the real scripts (subprocesses).
+that made it, with one CPU thread (OMP_NUM_THREADS=1: float reductions depend on the number of
+threads). The recipe is run again here through the real scripts (subprocesses), one thread too.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from checkpoint import load_checkpoint
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "pre_redesign.pt"
 METHODS = ("teracon", "teracon-nokr", "teracon-norel", "fineall", "sinmo", "hat", "conure")
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # as the fixture was made
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def run_recipe(data: dict, method: str, out: Path) -> dict:
              ("train_teracon_t3.py", ["--datapath", data["t3"], "--savepath", out / "task3", "--paths",
                                       out / "task2.pt"])]
     for script, flags in steps:
-        rc, _, err = run_script(script, *common, *flags)
+        rc, _, err = run_script(script, *common, *flags, env=ONE_THREAD)
         assert rc == 0, f"{script} --method {method}: {err}"
     return load_checkpoint(out / "task3.pt")
 
