@@ -3,7 +3,8 @@
     python plot_tasks.py --run results/ml-100k/teracon/seed0 --out results/ml-100k/teracon/seed0
 
 - `task_relation.png`: cosine similarity between the tasks' learned masks (relation-aware,
-  s = smax) in the run's last checkpoint, averaged over the masked layers (paper Fig. 4).
+  s = smax) in the run's last checkpoint, averaged over the masked layers (paper Fig. 4); only
+  for methods with masks (not fineall, sinmo, conure).
   The colour scale spans the off-diagonal values, so that small differences show.
 - `forgetting.png`: each task's main metric (MRR@5 for ranking, accuracy for classification)
   after every later task, relative to its value right after it was trained (1.00 = nothing
@@ -129,27 +130,34 @@ def main(argv: list[str] | None = None) -> None:
     last = load_checkpoint(checkpoints[-1])
     names = [t["name"] for t in last["tasks"]]
 
-    relation = task_relation(last)
-    atomic_write_text(out / "task_relation.csv", matrix_csv(names, names, relation))
+    method = last.get("method", "teracon")
     _, table = forgetting(checkpoints, args.device)
     relative = relative_to_first(table)
     after = [f"after {c.stem}" for c in checkpoints]
+    masked = last["config"].get("masked", True)
+    relation = task_relation(last) if masked else None
+    # every CSV first: they need no matplotlib
     atomic_write_text(out / "forgetting.csv", matrix_csv(after, names, table))
     atomic_write_text(out / "forgetting_relative.csv", matrix_csv(after, names, relative))
-    off = relation[~np.eye(len(names), dtype=bool)]
-    low, high = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
-    if high - low < 1e-6:
-        low, high = low - 1e-3, high + 1e-3
-    method = last.get("method", "teracon")
-    draw(relation, names, names, f"task relation ({method}): mask cosine at s = smax\n(colours span "
-         f"{low:.4f}..{high:.4f}, the off-diagonal range)", out / "task_relation.png", "viridis", low, high, digits=4)
+    written = ["forgetting.png", "forgetting.csv", "forgetting_relative.csv"]
+    if masked:
+        atomic_write_text(out / "task_relation.csv", matrix_csv(names, names, relation))
+        written += ["task_relation.png", "task_relation.csv"]
+    else:
+        log.info("%s uses no task masks: no task-relation heatmap", method)
     span = max(0.05, float(np.nanmax(np.abs(relative - 1.0))) if np.isfinite(relative).any() else 0.05)
     draw(relative, after, names, f"forgetting ({method}): main metric relative to right after training\n"
          "(1.00 = kept; raw MRR@5 or accuracy in brackets)", out / "forgetting.png", "RdBu", 1 - span, 1 + span,
          below=table)
-    log.info("wrote %s", ", ".join(str(out / f) for f in ("task_relation.png", "forgetting.png", "task_relation.csv",
-                                                           "forgetting.csv", "forgetting_relative.csv")))
-
+    if masked:
+        off = relation[~np.eye(len(names), dtype=bool)]
+        low, high = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
+        if high - low < 1e-6:
+            low, high = low - 1e-3, high + 1e-3
+        draw(relation, names, names, f"task relation ({method}): mask cosine at s = smax\n(colours span "
+             f"{low:.4f}..{high:.4f}, the off-diagonal range)", out / "task_relation.png", "viridis", low, high,
+             digits=4)
+    log.info("wrote %s", ", ".join(str(out / f) for f in written))
 
 if __name__ == "__main__":
     run_cli(main)
