@@ -28,6 +28,7 @@ from utils import metrics_from_ranks
 MAIN_METRIC = {"ranking": "mrr@5", "accuracy": "accuracy"}
 REPORTED = {"ranking": ("mrr@5", "ndcg@5", "hr@5"), "accuracy": ("accuracy",)}
 REFERENCE = "reference"
+VERDICT = {True: "yes", False: "no", None: "n/a (one seed)"}
 
 
 # ------------------------------------------------------------------------------ reference
@@ -164,11 +165,14 @@ def reference_check(frame: pd.DataFrame) -> pd.DataFrame:
         ref = ref.iloc[0]
         margin = best["mean"] - ref["mean"]
         spread = max(best["std"], ref["std"])
+        if min(best["count"], ref["count"]) < 2:  # one seed: no spread to judge by, no verdict
+            in_std, beats = math.nan, None
+        else:
+            in_std = margin / spread if spread > 0 else (math.copysign(math.inf, margin) if margin else 0.0)
+            beats = bool(margin > 2 * spread)
         rows.append({"task": task, "name": name, "reference": ref["mean"], "reference_std": ref["std"],
                      "best_method": best["method"], "best": best["mean"], "best_std": best["std"],
-                     "margin_in_std": margin / spread if spread > 0 else (math.copysign(math.inf, margin)
-                                                                         if margin else 0.0),
-                     "beats_by_2_std": bool(margin > 2 * spread)})
+                     "margin_in_std": in_std, "beats_by_2_std": beats})
     return pd.DataFrame(rows)
 
 
@@ -241,5 +245,6 @@ def format_summary(summary: pd.DataFrame, check: pd.DataFrame, title: str) -> st
                   "|---|---|---|---|---|---|---|"]
         for r in check.itertuples():
             lines.append(f"| {r.task} | {r.name} | {_pm(r.reference, r.reference_std)} | {r.best_method} | "
-                         f"{_pm(r.best, r.best_std)} | {r.margin_in_std:.1f} | {'yes' if r.beats_by_2_std else 'no'} |")
+                         f"{_pm(r.best, r.best_std)} | {'n/a' if math.isnan(r.margin_in_std) else f'{r.margin_in_std:.1f}'} | "
+                         f"{VERDICT[r.beats_by_2_std]} |")
     return "\n".join(lines) + "\n"

@@ -143,15 +143,26 @@ def test_reference_check_verdicts(frame):
 
 
 def test_reference_check_zero_spread_is_infinite_margin():
-    """One seed, so every std is 0: a method above the reference is inf std ahead (beats), one
-    below it is -inf (does not beat), never a division error."""
-    up = run_record("teracon", 0, [[0.30]], [0.10, 0.05, 0.50])
-    down = run_record("teracon", 0, [[0.05]], [0.10, 0.05, 0.50])
-    for record, sign, beats in ((up, 1, True), (down, -1, False)):
-        record["reference"] = record["reference"][:1]
-        check = results.reference_check(results.long_frame([record]))
+    """Two seeds with identical values, so every std is 0: a method above the reference is inf
+    std ahead (beats), one below it is -inf (does not beat), never a division error."""
+    for value, sign, beats in ((0.30, 1, True), (0.05, -1, False)):
+        records = [run_record("teracon", seed, [[value]], [0.10, 0.05, 0.50]) for seed in (0, 1)]
+        for record in records:
+            record["reference"] = record["reference"][:1]
+        check = results.reference_check(results.long_frame(records))
         assert check["margin_in_std"].tolist() == [sign * math.inf]
         assert check["beats_by_2_std"].tolist() == [beats]
+
+
+def test_reference_check_gives_no_verdict_for_one_seed():
+    """One seed has no spread to judge by: margin n/a and no verdict, printed as such."""
+    record = run_record("teracon", 0, [[0.30]], [0.10, 0.05, 0.50])
+    record["reference"] = record["reference"][:1]
+    frame = results.long_frame([record])
+    check = results.reference_check(frame)
+    assert math.isnan(check["margin_in_std"].iloc[0]) and check["beats_by_2_std"].iloc[0] is None
+    text = results.format_summary(results.summary_frame(frame), check, "t")
+    assert "| n/a (one seed) |" in text and "| yes |" not in text
 
 
 def test_metric_table_reference_first_and_per_seed_values(frame):
