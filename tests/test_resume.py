@@ -21,7 +21,7 @@ def _prepare(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
     t1 = helpers.write_task1(d / "t1.csv", lines=150)
-    t2 = helpers.write_task_ranking(d / "t2.csv", lines=300)
+    t2 = helpers.write_task_ranking(d / "t2.csv", lines=600)
     common = ["--device", "cpu", "--seed", "1", "--quiet", "--datapath_index", str(d / "index.json")]
     rc, _, err = run_script("train_task1.py", "--datapath", t1, "--savepath", tmp_path / "task1", "--channels", "8",
                             "--dilations", "1", "2", "--epochs", "1", "--batch", "16", *common)
@@ -31,7 +31,7 @@ def _prepare(tmp_path):
 
 def _task2(t2, common, out, *extra):
     return [sys.executable, str(ROOT / "train_teracon_t2.py"), "--datapath", str(t2), "--savepath", str(out),
-            "--paths", str(out.parent / "task1.pt"), "--epochs", "3", "--batch", "16", "--save_every", "2",
+            "--paths", str(out.parent / "task1.pt"), "--epochs", "6", "--batch", "16", "--save_every", "2",
             *common, *extra]
 
 
@@ -58,7 +58,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, trial):
     deadline = time.time() + 120
     while not state.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(random.Random(trial).uniform(0.0, 0.5))  # a random moment after the first snapshot
+    time.sleep(random.Random(trial).uniform(0.0, 0.3))  # a random moment after the first snapshot
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     if not state.is_file():
