@@ -7,7 +7,7 @@ The authors' code (github:Sein-Kim/TERACON) is imported, unchanged, from a check
 private module names (`authors_teracon`, ...), because their `teracon.py` and `utils.py`
 share names with ours. The one run-time adaptation: while their step runs,
 `torch.Tensor.get_device` returns the tensor's device (their mask code moves index tensors
-with `.to(t.get_device())`, which is -1 on a CPU); 'cpu' is passed where they take a GPU
+to `Tensor.get_device`'s result, which is -1 on a CPU); 'cpu' is passed where they take a GPU
 number. It is restored afterwards, so our step runs under plain torch.
 
 What one step is, on both sides (random item ids; s = 25; Adam):
@@ -159,7 +159,8 @@ def load_authors(path: str) -> dict:
 
 @contextlib.contextmanager
 def tensor_get_device_is_device():
-    """Their mask code calls `.to(t.get_device())`, -1 for a CPU tensor: return the device instead."""
+    """Their mask code moves tensors to `Tensor.get_device`'s result, -1 for a CPU tensor: return
+    the device instead."""
     saved = torch.Tensor.get_device
     torch.Tensor.get_device = lambda self: self.device
     try:
