@@ -39,7 +39,8 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
     p.add_argument("--datapath", help="task file (overrides --dataset)")
     p.add_argument("--datapath_index", help="item index JSON, written by task 1 and read by later tasks "
                    "(default Data/Session/index.json, or Data/NAME/index.json with --dataset)")
-    p.add_argument("--savepath", help="output prefix: writes PREFIX.pt and PREFIX.json "
+    p.add_argument("--savepath", help="output prefix: writes PREFIX.pt, PREFIX.json and, until the run "
+                   "finishes, PREFIX.resume.pt "
                    "(default saved_models/taskN, or saved_models/NAME/taskN with --dataset)")
     p.add_argument("--paths", help="checkpoint of the previous task (default: the previous task's "
                    "--savepath default); task >= 2 only")
@@ -82,7 +83,7 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
     p.add_argument("--retrain_epochs", type=int, default=10, help="conure: maximum epochs of retraining "
                    "after pruning (default %(default)s)")
     p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast for training "
-                   "and evaluation (CUDA, and CPUs with AMX); default %(default)s")
+                   "and evaluation (CUDA, and CPUs with AMX or AVX512-BF16); default %(default)s")
     p.add_argument("--accept_unfinished", action="store_true", help="start from a --paths checkpoint whose "
                    "run did not finish (its PREFIX.json says finished: false)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of this task from "
@@ -204,7 +205,7 @@ class TaskRun:
     def snapshot(self, progress: Progress, optimizer: torch.optim.Optimizer) -> None:
         """The resumable state (`--resume`)."""
         save_resume_state(self.resume_out, args=self.resume_args, progress=asdict(progress), model=self.model,
-                          optimizer=optimizer, step_state=getattr(self.step, "state_dict", dict)(),
+                          optimizer=optimizer, step_state=self.step.state_dict(),
                           method_state=self.method.state_dict())
 
     def restore(self) -> dict:
@@ -212,8 +213,7 @@ class TaskRun:
         state = load_resume_state(self.resume_out, self.resume_args)
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
-        if hasattr(self.step, "load_state_dict"):
-            self.step.load_state_dict(state["step"])
+        self.step.load_state_dict(state["step"])
         log.info("task %d: resuming %s phase at epoch %d, batch %d (%s)", self.args.task, state["progress"]["phase"],
                  state["progress"]["epoch"], state["progress"]["batch"], self.resume_out)
         return state

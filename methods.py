@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nextitnet import NextItNet
-from teracon import NewTaskStep, RetentionStep, Task1Step
+from teracon import NewTaskStep, RetentionStep, Step, Task1Step
 from utils import UserError
 
 
@@ -61,7 +61,7 @@ class Teracon:
     def prepare(self, model: NextItNet) -> None:
         """After the model is on its device and before its optimiser exists (default: nothing)."""
 
-    def step(self, model: NextItNet, teacher: NextItNet | None):
+    def step(self, model: NextItNet, teacher: NextItNet | None) -> Step:
         if self.task == 1:
             return Task1Step(model, self.args.mask_reg)
         if teacher is not None:

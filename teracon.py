@@ -96,6 +96,13 @@ class Step:
             loss.backward()
         return loss.detach()
 
+    def state_dict(self) -> dict:
+        """What `--resume` must restore to continue this step exactly (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class Task1Step(Step):
     """Next-item loss on every position (SPEC 3) plus `mask_reg` * mean of all masks."""
@@ -177,6 +184,7 @@ class RetentionStep(Step):
         with torch.no_grad():
             teacher_masks = self.teacher.masks(s)
         weights = self.rho / self.rho.sum()
+        self.rho = update_rho(teacher_masks, masks[-1].detach())  # used by the next batch
         # every stacked row as (task, row of the batch), in the unchunked step's order
         task_of = np.concatenate([np.full(len(sub), i) for i, sub in enumerate(subsets)] + [np.full(batch, new)])
         row_of = np.concatenate([*subsets, np.arange(batch)])
@@ -199,12 +207,10 @@ class RetentionStep(Step):
                                  / denominator)
             chunk_loss = torch.stack(terms).sum()
             if not torch.isfinite(chunk_loss):
-                self.rho = update_rho(teacher_masks, masks[-1].detach())
                 return chunk_loss.detach()  # the caller skips the update
             chunk_loss.backward()
             total += chunk_loss.detach().double()
         masks.backward(leaf.grad)
-        self.rho = update_rho(teacher_masks, masks[-1].detach())  # used by the next batch
         return total.to(masks.dtype)
 
     def state_dict(self) -> dict:
