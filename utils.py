@@ -279,10 +279,12 @@ def metric_kind(num_classes: int) -> str:
 
 
 def rank_of_target(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target: how many classes score strictly higher than it. A NaN score
-    of another class never beats the target; a non-finite target score ranks last (= classes)."""
+    """0-based rank of each target: how many other classes score higher than it or equal to it.
+    Ties count against the target, so a model with constant scores ranks every target last and
+    a collapsed model cannot look perfect (the authors' top-k breaks ties by index instead). A
+    NaN score of another class never beats the target; a non-finite target score ranks last."""
     target_score = logits.gather(1, targets.view(-1, 1))
-    ranks = (logits > target_score).sum(dim=1)  # NaN > x is False: NaN classes count as -inf
+    ranks = (logits >= target_score).sum(dim=1) - 1  # NaN >= x is False: NaN classes count as -inf
     return torch.where(torch.isfinite(target_score.view(-1)), ranks, logits.shape[1])
 
 

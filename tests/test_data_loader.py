@@ -290,10 +290,21 @@ def test_load_task1_refuses_all_padding_and_one_column(tmp_path):
 
 # -------------------------------------------------------------------------------- metrics
 
-def test_rank_of_target_counts_strictly_higher_scores():
-    logits = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 1.0, 2.0, 3.0], [1.0, 1.0, 2.0, 0.0]])
-    targets = torch.tensor([1, 1, 0])
-    assert rank_of_target(logits, targets).tolist() == [0, 3, 1]
+def test_rank_of_target_counts_higher_and_tied_scores_against_the_target():
+    logits = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 1.0, 2.0, 3.0], [1.0, 1.0, 2.0, 0.0],
+                           [5.0, 5.0, 5.0, 5.0], [2.0, 3.0, 3.0, 3.0]])
+    targets = torch.tensor([1, 1, 0, 2, 1])
+    # row 3: one higher (2.0) and one tie (class 1); row 4: all tied; row 5: two ties, none higher
+    assert rank_of_target(logits, targets).tolist() == [0, 3, 2, 3, 2]
+
+
+def test_a_model_with_constant_scores_never_hits():
+    """A collapsed model (every class the same score) must not look perfect: hit@1 0, not 1."""
+    logits = torch.zeros(6, 30)
+    m = metrics_from_ranks(rank_of_target(logits, torch.arange(6)), "ranking")
+    assert m["hit@1"] == 0.0 and m["hr@20"] == 0.0 and m["mrr@5"] == 0.0
+    assert metrics_from_ranks(rank_of_target(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1])),
+                              "accuracy")["accuracy"] == 0.0
 
 
 def test_ranking_metrics_by_hand():
