@@ -171,10 +171,12 @@ class NextItNet(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------
     def masks(self, s: float) -> torch.Tensor:
-        """Every task's masks [T, M, C] at annealing scale s (all ones for an unmasked model)."""
+        """Every task's masks [T, M, C] at annealing scale s (all ones for an unmasked model),
+        always in fp32: under bf16 autocast, sigmoid(s * ...) at s up to 50 loses the mask."""
         if not self.masked:
             return torch.ones_like(self.task_masks.task_embedding)
-        return self.task_masks(s, self.relation)
+        with torch.autocast(self.task_masks.task_embedding.device.type, enabled=False):
+            return self.task_masks(s, self.relation)
 
     def convs(self) -> list[CausalConv1d]:
         return [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
@@ -187,14 +189,15 @@ class NextItNet(nn.Module):
         return x
 
     def task_logits(self, seqs: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]],
-                    masks: torch.Tensor) -> list[torch.Tensor | None]:
+                    masks: torch.Tensor, fp32_heads: bool = False) -> list[torch.Tensor | None]:
         """Logits of task t (0-based) for the rows `rows` of `seqs` [B, L], for every (t, rows)
         of `groups` (rows None = all), in one backbone pass with per-row masks from `masks`
         [T, M, C]; None for an empty group.
 
         `seqs` are whole example sequences: task 1 (next item) reads position -2, the prediction
         of the last item from the rest (the same as the last position of `seqs[:, :-1]`, as the
-        network is causal; SPEC 5.2); every other task reads the last position.
+        network is causal; SPEC 5.2); every other task reads the last position. `fp32_heads` runs
+        the heads in fp32 even under autocast (evaluation: bf16 logits tie and distort the ranks).
         """
         all_rows = torch.arange(len(seqs), device=seqs.device)
         rows = [all_rows if r is None else torch.as_tensor(r, device=seqs.device, dtype=torch.long) for _, r in groups]
@@ -203,10 +206,17 @@ class NextItNet(nn.Module):
             hidden = self.encode(seqs, masks[t:t + 1])
         else:
             task_of_row = torch.cat([torch.full((len(r),), t, device=seqs.device) for (t, _), r in zip(groups, rows)])
-            hidden = self.encode(seqs[torch.cat(rows)], masks.index_select(0, task_of_row))  # deterministic backward
+            hidden = self.encode(seqs[torch.cat(rows)], masks.index_select(0, task_of_row))  # CUDA: deterministic only with --deterministic
         logits, start = [], 0
         for (t, _), r in zip(groups, rows):
             position = -2 if self.first_task + t == 1 else -1
-            logits.append(self.heads[t](hidden[start:start + len(r), position]) if len(r) else None)
+            h = hidden[start:start + len(r), position]
+            if not len(r):
+                logits.append(None)
+            elif fp32_heads:
+                with torch.autocast(seqs.device.type, enabled=False):
+                    logits.append(self.heads[t](h.float()))
+            else:
+                logits.append(self.heads[t](h))
             start += len(r)
         return logits
