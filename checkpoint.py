@@ -26,13 +26,14 @@ FORMAT = "teracon/2"
 
 
 def save_checkpoint(path: str | Path, *, method: str, model: torch.nn.Module, tasks: list[dict],
-                    items: np.ndarray, args: dict, extras: dict) -> None:
-    """Write a checkpoint atomically (weights on the CPU)."""
+                    items: np.ndarray, args: dict, extras: dict, run_info: dict | None = None) -> None:
+    """Write a checkpoint atomically (weights on the CPU); `run_info`: the run's precision, code
+    commit and rehearsal mark."""
     atomic_torch_save(path, {
         "format": FORMAT, "method": method, "config": model.config(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "tasks": tasks, "item_index": {"checksum": dl.index_checksum(items), "num_items": len(items) + 1},
-        "args": args, "versions": library_versions(), **extras})
+        "args": args, "versions": library_versions(), **(run_info or {}), **extras})
 
 
 def smax_of(ckpt: dict) -> float:
@@ -172,11 +173,15 @@ def require_finished(ckpt_path: str | Path, accept_unfinished: bool) -> None:
         log.warning("%s: its training run did not finish; used anyway (--accept_unfinished)", ckpt_path)
 
 
-def load_previous(path: str, index_path: str, task: int, method: str, accept_unfinished: bool
-                  ) -> tuple[dict, np.ndarray]:
-    """The task n-1 checkpoint and the item index, checked against each other, the task and the method."""
+def load_previous(path: str, index_path: str, task: int, method: str, accept_unfinished: bool,
+                  rehearsal: bool = False) -> tuple[dict, np.ndarray]:
+    """The task n-1 checkpoint and the item index, checked against each other, the task and the
+    method; a rehearsal's checkpoint only for another rehearsal."""
     prev = load_checkpoint(path)
     require_finished(path, accept_unfinished)
+    if prev.get("rehearsal") and not rehearsal:
+        raise UserError(f"{path}: a rehearsal checkpoint (trained with --limit_batches/--limit_eval_batches); "
+                        "only a rehearsal may start from it (retrain the previous task without the limits)")
     if len(prev["tasks"]) != task - 1:
         raise UserError(f"{path}: checkpoint knows {len(prev['tasks'])} task(s); "
                         f"task {task} needs the checkpoint of task {task - 1}")
@@ -193,8 +198,9 @@ def load_previous(path: str, index_path: str, task: int, method: str, accept_unf
 
 RESUME_FORMAT = "teracon-resume/1"
 # flags that may differ between a run and its --resume: none of them changes what is computed,
-# except --device (float kernels differ between devices: bit for bit only on the same one)
-RESUME_FREE_FLAGS = {"resume", "save_every", "quiet", "device", "accept_unfinished"}
+# except the device and --chunk_rows (the same loss and gradients up to float rounding: bit for
+# bit only with both unchanged; the run says so when they change)
+RESUME_FREE_FLAGS = {"resume", "save_every", "quiet", "device", "run_device", "chunk_rows", "accept_unfinished"}
 
 
 def resume_path(savepath: str) -> Path:

@@ -21,8 +21,8 @@ from methods import METHODS
 from nextitnet import CHANNELS, DILATIONS, NextItNet
 from teracon import ALPHA, auto_chunk_rows
 from trainer import Progress, TrainConfig, format_metrics, train
-from utils import (UserError, atomic_write_json, check_outputs, finite_float, library_versions, resolve_device,
-                   seed_int, set_seed, sha256_file)
+from utils import (AMP_MODES, UserError, atomic_write_json, check_outputs, code_version, finite_float,
+                   library_versions, resolve_device, seed_int, set_precision, set_seed, sha256_file)
 
 log = logging.getLogger("teracon")
 
@@ -82,8 +82,19 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
                    "weights pruned after it (default %(default)s)")
     p.add_argument("--retrain_epochs", type=int, default=10, help="conure: maximum epochs of retraining "
                    "after pruning (default %(default)s)")
-    p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast for training "
-                   "and evaluation (CUDA, and CPUs with AMX or AVX512-BF16); default %(default)s")
+    p.add_argument("--amp", choices=AMP_MODES, default="fp32", help="precision: fp32 (matmuls and "
+                   "convolutions in full fp32, also on CUDA), tf32 (TF32 matmuls and cuDNN convolutions on an "
+                   "Ampere-or-newer GPU, as the authors' PyTorch 1.7 ran there; fp32 on a CPU) or bf16 (autocast "
+                   "for training and evaluation; pays on CUDA and on CPUs with AMX or AVX512-BF16); recorded in "
+                   "PREFIX.json and the checkpoint (default %(default)s)")
+    p.add_argument("--deterministic", action="store_true", help="bitwise-reproducible kernels on CUDA "
+                   "(deterministic algorithms, a fixed cuBLAS workspace, no cuDNN autotuning; slower); a CPU "
+                   "run is reproducible for a fixed thread count without it")
+    p.add_argument("--limit_batches", type=int, default=0, help="a rehearsal: at most N training batches an "
+                   "epoch, s annealed over those N (eq. 19); its checkpoints and summaries are marked "
+                   "rehearsal, and only a rehearsal may start from them (default 0: every batch)")
+    p.add_argument("--limit_eval_batches", type=int, default=0, help="a rehearsal: at most N evaluation "
+                   "batches a split (default 0: the whole split)")
     p.add_argument("--accept_unfinished", action="store_true", help="start from a --paths checkpoint whose "
                    "run did not finish (its PREFIX.json says finished: false)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of this task from "
@@ -113,7 +124,7 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.chunk_rows < -1:
         raise UserError(f"--chunk_rows {args.chunk_rows}: must be -1 (auto), 0 (off) or positive")
-    for flag in ("min_retention_rows", "save_every"):
+    for flag in ("min_retention_rows", "save_every", "limit_batches", "limit_eval_batches"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 0")
     if args.channels < 1 or min(args.dilations) < 1:
@@ -154,7 +165,8 @@ def load_data(args: argparse.Namespace) -> tuple[dl.TaskData, dict | None, np.nd
     if args.task == 1:
         data, items = dl.load_task1(args.datapath, args.seed, split_by=args.split_by)
     else:
-        prev, items = load_previous(args.paths, args.datapath_index, args.task, args.method, args.accept_unfinished)
+        prev, items = load_previous(args.paths, args.datapath_index, args.task, args.method, args.accept_unfinished,
+                                    rehearsal=is_rehearsal(args))
         data = dl.load_task(args.task, args.datapath, items, args.seed, args.split_by, args.name)
     n = {k: len(v) for k, v in data.splits.items()}
     if n["valid"] == 0 or n["test"] == 0:
@@ -168,7 +180,7 @@ class TaskRun:
     """One task's training run: its data, method, model and step, and the files it writes
     (PREFIX.pt at every new best epoch, PREFIX.json after every epoch, PREFIX.resume.pt)."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
+    def __init__(self, args: argparse.Namespace, device: torch.device, precision: dict):
         self.args, self.device = args, device
         self.ckpt_out, self.summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
         self.resume_out = resume_path(args.savepath)
@@ -183,13 +195,16 @@ class TaskRun:
         self.step = self.method.step(self.model, teacher)
         self.config = TrainConfig.from_args(args)
         self.run_args = dict(vars(args))
+        # what produced the run: recorded in PREFIX.json and the checkpoint
+        self.run_info = {"precision": precision, "code": code_version(), "rehearsal": is_rehearsal(args)}
         self.task_entry = {"task": args.task, "name": self.data.name, "file": self.data.path,
                            "file_sha256": sha256_file(self.data.path), "num_classes": self.data.num_classes,
                            "metric": self.data.kind, "seed": args.seed, "split_by": args.split_by,
                            "split_sizes": {k: len(v) for k, v in self.data.splits.items()}}
         # a resumable state is only valid for the same inputs, byte for byte
         self.resume_args = dict(self.run_args, datapath_sha256=self.task_entry["file_sha256"],
-                                paths_sha256=sha256_file(args.paths) if args.task > 1 else None)
+                                paths_sha256=sha256_file(args.paths) if args.task > 1 else None,
+                                run_device=str(device))
 
     def save(self, summary: dict, checkpoint: bool = True) -> None:
         """The checkpoint (at a new best epoch) and the run summary (after every epoch)."""
@@ -197,10 +212,10 @@ class TaskRun:
         if checkpoint:
             save_checkpoint(self.ckpt_out, method=self.args.method, model=self.model,
                             tasks=(self.prev["tasks"] if self.prev else []) + [entry], items=self.items,
-                            args=self.run_args, extras=self.method.extras())
+                            args=self.run_args, extras=self.method.extras(), run_info=self.run_info)
         atomic_write_json(self.summary_out, {"task": entry, "method": self.args.method, "args": self.run_args,
                                              "checkpoint": str(self.ckpt_out), "versions": library_versions(),
-                                             **summary})
+                                             **self.run_info, **summary})
 
     def snapshot(self, progress: Progress, optimizer: torch.optim.Optimizer) -> None:
         """The resumable state (`--resume`)."""
@@ -211,6 +226,12 @@ class TaskRun:
     def restore(self) -> dict:
         """Weights, method and step as the resumable state holds them; returns the state."""
         state = load_resume_state(self.resume_out, self.resume_args)
+        for key, what in (("run_device", "device"), ("chunk_rows", "--chunk_rows")):
+            before, now = state["args"].get(key), self.resume_args[key]
+            if before != now:
+                log.warning("task %d: resuming with %s %s where the state was written with %s: the same "
+                            "loss and gradients up to float rounding, so the run continues equivalently but "
+                            "not bit for bit", self.args.task, what, now, before)
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
         self.step.load_state_dict(state["step"])
@@ -243,6 +264,7 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     args = build_parser(task).parse_args(argv)
     args = resolve_args(args, task or args.task)
     device = resolve_device(args.device)
+    precision = set_precision(args.amp, device, args.deterministic)
     set_seed(args.seed)
     outputs = {"--savepath": [Path(args.savepath + ".pt"), Path(args.savepath + ".json"), resume_path(args.savepath)]}
     inputs = {"--datapath": args.datapath}
@@ -252,11 +274,14 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
         inputs.update({"--paths": [args.paths, summary_path(args.paths)], "--datapath_index": args.datapath_index})
     check_outputs(outputs, inputs)  # before any training: never write over an input, never fail late
 
-    run = TaskRun(args, device)
+    run = TaskRun(args, device, precision)
     data, n = run.data, run.task_entry["split_sizes"]
-    log.info("task %d (%s), method %s: %s, %d classes (%s), split train/valid/test %d/%d/%d, device %s",
+    log.info("task %d (%s), method %s: %s, %d classes (%s), split train/valid/test %d/%d/%d, device %s, %s",
              args.task, data.name, args.method, data.path, data.num_classes, data.kind, n["train"], n["valid"],
-             n["test"], device)
+             n["test"], device, args.amp)
+    if run.run_info["rehearsal"]:
+        log.warning("task %d: a REHEARSAL (--limit_batches %d, --limit_eval_batches %d): its metrics are not "
+                    "results", args.task, args.limit_batches, args.limit_eval_batches)
     if args.task == 1:
         dl.save_item_index(args.datapath_index, run.items, args.datapath)
     start = time.time()
@@ -264,6 +289,11 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     log.info("task %d done in %.1fs: best epoch %s, test %s -> %s", args.task, time.time() - start,
              summary["best_epoch"], format_metrics(summary["test"]), run.ckpt_out)
     return summary
+
+
+def is_rehearsal(args: argparse.Namespace) -> bool:
+    """A run that limits its batches rehearses the recipe; its numbers are not results."""
+    return bool(args.limit_batches or args.limit_eval_batches)
 
 
 def reload_weights(model: NextItNet, path: Path) -> None:

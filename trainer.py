@@ -39,6 +39,8 @@ class TrainConfig:
     seed: int = 0
     quiet: bool = True
     save_every: int = 0  # steps between resumable snapshots inside an epoch (0: at epoch ends only)
+    limit_batches: int = 0       # a rehearsal: at most this many training batches an epoch (0: all)
+    limit_eval_batches: int = 0  # a rehearsal: at most this many evaluation batches a split (0: all)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -52,30 +54,40 @@ class Hooks(Protocol):
 
 
 def autocast(device: torch.device, amp: str):
-    """bf16 autocast for `--amp bf16` (CUDA and CPU); fp32 otherwise."""
+    """bf16 autocast for `--amp bf16` (CUDA and CPU); fp32 and tf32 otherwise (`utils.set_precision`)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, weight decay 0 (SPEC 6): the fused kernel on CUDA, the plain per-tensor loop on a CPU
+    (the update the committed results were trained with)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=0.0, fused=device.type == "cuda" or None)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, device: torch.device,
-             batch_size: int = 1024, amp: str = "fp32", head: int | None = None) -> dict[str, float]:
+             batch_size: int = 1024, amp: str = "fp32", head: int | None = None,
+             limit_batches: int = 0) -> dict[str, float]:
     """Every example of the split once, in order, at s = smax (SPEC 2, 6), through the model's
-    head `head` (default: the task's own, task n -> head n-1). Task 1 predicts each sequence's
-    last item."""
+    head `head` (default: the task's own, task n -> head n-1), the head in fp32 under any
+    autocast. Task 1 predicts each sequence's last item. `limit_batches` > 0 (a rehearsal)
+    scores only the split's first batches."""
     was_training = model.training
     model.eval()
     head = data.task - 1 if head is None else head
     masks = model.masks(smax)
     idx = data.splits[split]
+    if limit_batches:
+        idx = idx[:limit_batches * batch_size]
     sums: dict[str, float] = {}
     for batch in dl.batches(idx, batch_size):
         src, tgt = data.batch(batch, device)
         if data.task == 1:
             tgt = src[:, -1]
         with autocast(device, amp):
-            [logits] = model.task_logits(src, [(head, None)], masks)
+            [logits] = model.task_logits(src, [(head, None)], masks, fp32_heads=True)
         for k, v in metric_sums(rank_of_target(logits.float(), tgt), data.kind).items():
             sums[k] = sums.get(k, 0.0) + v
     model.train(was_training)
@@ -89,20 +101,21 @@ def train_step(model: NextItNet, step: Step, optimizer: torch.optim.Optimizer, s
                hooks: Hooks | None = None) -> float | None:
     """One batch: the step's loss under autocast, backward, the hooks around the optimiser step,
     then the clamp of the task embeddings (SPEC 4). A non-finite loss updates nothing (SPEC 5.6)
-    and returns None; otherwise the loss."""
+    and returns None; otherwise the loss. The loss is read once, after backward is queued: the
+    step's only host-device synchronisation."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, amp):
         loss = step.backward(src, tgt, s)
-    value = None
-    if torch.isfinite(loss):
+    value = loss.item()
+    if math.isfinite(value):
         if hooks:
             hooks.before_step(s)
         optimizer.step()
         if hooks:
             hooks.after_step()
-        value = loss.item()
     else:
-        optimizer.zero_grad(set_to_none=True)  # a micro-batched step may have accumulated some
+        value = None
+        optimizer.zero_grad(set_to_none=True)  # whatever backward accumulated is discarded
     model.task_masks.clamp_()
     return value
 
@@ -170,7 +183,7 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
     (CONURE's retraining) continues `summary`. `snapshot(progress, optimizer)` is called at the
     end of every epoch and every `config.save_every` steps; `resume` (a snapshot's progress and
     optimiser state) continues a phase where it stopped."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config.lr, device)
     rng = np.random.default_rng([config.seed, len(summary["epochs"]) if summary else 0])
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -184,11 +197,15 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
     summary, phase = progress.summary, progress.phase
     train_idx = data.splits["train"]
     batches_per_epoch = len(train_idx) / config.batch
+    if config.limit_batches:  # a rehearsal anneals s over the batches it runs (eq. 19 with B = N)
+        batches_per_epoch = min(batches_per_epoch, config.limit_batches)
     head = model.num_tasks - 1
     while progress.epoch < progress.first_epoch + progress.epochs and progress.bad_epochs < config.patience:
         epoch, start = progress.epoch, time.time() - progress.seconds
         rng.bit_generator.state = progress.epoch_rng
         batches = list(dl.batches(train_idx, config.batch, rng))
+        if config.limit_batches:
+            batches = batches[:config.limit_batches]
         model.train()
         bar = tqdm(range(progress.batch, len(batches)), total=len(batches), initial=progress.batch,
                    desc=f"task {data.task} epoch {epoch}", leave=False, disable=config.quiet)
@@ -209,7 +226,8 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
             raise UserError(f"task {data.task} epoch {epoch}: every step had a non-finite loss (NaN or inf); "
                             "nothing was learned and no checkpoint is written (lower --lr or --alpha)")
         check_finite_model(model, f"task {data.task} epoch {epoch}")
-        valid = evaluate(model, data, "valid", config.smax, device, config.eval_batch, config.amp, head)
+        valid = evaluate(model, data, "valid", config.smax, device, config.eval_batch, config.amp, head,
+                         config.limit_eval_batches)
         diagnostics = epoch_diagnostics(model, step, progress.s_used, config.smax)
         record = {"epoch": epoch, "phase": phase, "train_loss": progress.total / max(progress.count, 1),
                   "valid": valid, "seconds": round(time.time() - start, 2), "skipped_steps": progress.skipped,
@@ -220,7 +238,8 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
         if improved:
             progress.best, progress.bad_epochs = chosen, 0
             summary.update(best_epoch=epoch, valid=valid,
-                           test=evaluate(model, data, "test", config.smax, device, config.eval_batch, config.amp, head))
+                           test=evaluate(model, data, "test", config.smax, device, config.eval_batch, config.amp, head,
+                                         config.limit_eval_batches))
             save(summary)
         else:
             progress.bad_epochs += 1

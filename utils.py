@@ -246,12 +246,54 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__}
 
 
+def code_version(folder: str | Path = Path(__file__).resolve().parent) -> dict:
+    """The git commit of the code in `folder` and whether its tracked files had uncommitted changes
+    (None for both outside a git checkout): every run records which code produced it."""
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=20)
+        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0 or status.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
 # ------------------------------------------------------------------------- seeds, devices
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+AMP_MODES = ("fp32", "tf32", "bf16")
+
+
+def set_precision(amp: str, device: torch.device, deterministic: bool = False) -> dict:
+    """Set every precision switch explicitly and return them, to be recorded with the run.
+
+    fp32: full fp32 matmuls and convolutions (cuDNN's TF32 default off); tf32: matmuls and cuDNN
+    convolutions in TF32 on Ampere or newer GPUs (what the authors' PyTorch 1.7 did by default
+    there; SPEC 8), the same as fp32 on a CPU; bf16: bf16 autocast, TF32 off. `deterministic`
+    asks for bitwise-reproducible kernels (CUDA: deterministic algorithms, cuBLAS workspace,
+    cuDNN without autotuning)."""
+    if amp not in AMP_MODES:
+        raise UserError(f"--amp {amp}: must be one of {', '.join(AMP_MODES)}")
+    tf32 = amp == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False  # shapes vary (last batch, retention subsets)
+    return {"amp": amp, "device": str(device), "autocast_dtype": "bfloat16" if amp == "bf16" else None,
+            "matmul_tf32": tf32 and device.type == "cuda", "cudnn_tf32": tf32 and device.type == "cuda",
+            "deterministic": deterministic}
 
 
 def resolve_device(name: str) -> torch.device:
