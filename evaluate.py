@@ -34,9 +34,10 @@ def load_task_data(entry: dict, items: np.ndarray | None) -> tuple[dl.TaskData, 
 
 
 def evaluate_checkpoint(path: str | Path, device_name: str = "auto", split: str = "test",
-                        batch_size: int = 1024, ckpt: dict | None = None) -> list[dict]:
+                        batch_size: int = 1024, ckpt: dict | None = None, limit_batches: int = 0) -> list[dict]:
     """One row per task: its name, metric kind, metrics now and right after it was trained
-    (`ckpt`: the checkpoint at `path` when already loaded)."""
+    (`ckpt`: the checkpoint at `path` when already loaded; `limit_batches` > 0: a rehearsal's
+    first batches only). A rehearsal checkpoint's rows say `rehearsal`."""
     ckpt = ckpt if ckpt is not None else load_checkpoint(path)
     device = resolve_device(device_name)
     smax = smax_of(ckpt)
@@ -50,9 +51,9 @@ def evaluate_checkpoint(path: str | Path, device_name: str = "auto", split: str 
             raise UserError(f"{entry['file']}: its item index differs from the checkpoint's")
         if data.num_classes != entry["num_classes"]:
             raise UserError(f"{entry['file']}: {data.num_classes} classes, checkpoint has {entry['num_classes']}")
-        metrics = evaluate(model, data, split, smax, device, batch_size, head=head)
+        metrics = evaluate(model, data, split, smax, device, batch_size, head=head, limit_batches=limit_batches)
         rows.append({"task": entry["task"], "name": entry["name"], "metric": entry["metric"],
-                     "method": ckpt.get("method", "teracon"),
+                     "method": ckpt.get("method", "teracon"), "rehearsal": bool(ckpt.get("rehearsal")),
                      "now": metrics, "after_training": entry.get("test")})
     return rows
 
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ckpt = load_checkpoint(args.paths)
     check_outputs(outputs, {f"the task {t['task']} file of --paths": t["file"] for t in ckpt["tasks"]})
     rows = evaluate_checkpoint(args.paths, args.device, args.split, args.eval_batch, ckpt=ckpt)
+    if ckpt.get("rehearsal"):
+        print(f"REHEARSAL: {args.paths} was trained with --limit_batches/--limit_eval_batches; "
+              "these numbers are not results")
     print(format_rows(rows))
     if args.json:
         atomic_write_json(args.json, {"checkpoint": args.paths, "split": args.split, "rows": rows})

@@ -1,14 +1,17 @@
 """Run the whole task sequence and write the paper-style results table.
 
-    python reproduce.py                          # ml-100k, seed 0, prepared on the fly
+    python reproduce.py                          # ml-100k, seed 0, prepared on the fly, into runs/
     python reproduce.py --dataset ttl --seeds 0 1 2
+    python reproduce.py --dataset Data/ttl-shape/tasks.json --preset paper --limit_batches 2 --limit_eval_batches 1
 
 For every seed: task 1, then tasks 2..T through the real training scripts, then every task is
 evaluated with the final model. A stage whose checkpoint and finished summary exist is skipped
 and a stage that was interrupted continues from its resumable state (`--resume`), unless --force.
-Writes results/<dataset>/: table.md and table.csv (every task's metrics, with the trivial reference),
-summary.md and summary.csv (average final metric, forgetting, BWT, transfer against SinMo) and
-reference_check.csv; with plots of each method's first seed (plot_tasks.py).
+Writes OUT/<dataset>/ (default runs/, git-ignored; `--out results` writes the committed reference):
+table.md and table.csv (every task's metrics, with the trivial reference), summary.md and
+summary.csv (average final metric, forgetting, BWT, transfer against SinMo), reference_check.csv
+and, where results/<dataset>/table.csv exists, placement.md/.csv: the run against that committed
+reference; with plots of each method's first seed (plot_tasks.py).
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import results
 from methods import METHODS
 from evaluate import evaluate_checkpoint
 from results import reference_rows
-from utils import (UserError, atomic_write_json, atomic_write_text, positive_int, read_json, run_cli, seed_type,
-                   sha256_file)
+from utils import (AMP_MODES, UserError, atomic_write_json, atomic_write_text, positive_int, read_json, run_cli,
+                   seed_type, sha256_file)
 
 log = logging.getLogger("teracon")
 HERE = Path(__file__).resolve().parent
@@ -51,14 +54,16 @@ PRESETS = {
 }
 
 
-def stage_done(prefix: Path, data_file: str) -> bool:
-    """The stage's checkpoint exists and its summary says it finished on this very task file."""
+def stage_done(prefix: Path, data_file: str, rehearsal: bool) -> bool:
+    """The stage's checkpoint exists and its summary says it finished on this very task file, as
+    a rehearsal exactly when this is one."""
     summary = prefix.with_suffix(".json")
     if not (prefix.with_suffix(".pt").is_file() and summary.is_file()):
         return False
     try:
         s = read_json(summary)
-        return bool(s.get("finished")) and s["task"]["file_sha256"] == sha256_file(data_file)
+        return (bool(s.get("finished")) and s["task"]["file_sha256"] == sha256_file(data_file)
+                and bool(s.get("rehearsal")) == rehearsal)
     except (UserError, KeyError, TypeError, OSError):
         return False
 
@@ -90,10 +95,11 @@ def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, ar
     folder = out / method / f"seed{seed}"
     tasks = sorted(int(t["task"]) for t in manifest["tasks"])
     rerun = args.force
+    rehearsal = bool(args.limit_batches or args.limit_eval_batches)
     for i, task in enumerate(tasks):
         prefix = folder / f"task{task}"
         name = dl.manifest_task(manifest, task)["name"]
-        if not rerun and stage_done(prefix, dl.manifest_task(manifest, task)["file"]):
+        if not rerun and stage_done(prefix, dl.manifest_task(manifest, task)["file"], rehearsal):
             log.info("[%s seed %d] stage %d/%d: task %d (%s) already done, skipped", method, seed, i + 1,
                      len(tasks), task, name)
             continue
@@ -105,6 +111,9 @@ def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, ar
         rerun = True  # every later stage depends on this one
         log.info("[%s seed %d] stage %d/%d: task %d (%s)", method, seed, i + 1, len(tasks), task, name)
         flags = dict(preset["task1" if task == 1 else "taskn"], amp=args.amp)
+        for flag in ("limit_batches", "limit_eval_batches"):
+            if getattr(args, flag):
+                flags[flag] = getattr(args, flag)
         if args.max_epochs:  # a cap on every phase of training (CONURE's retraining too)
             flags["epochs"] = min(flags["epochs"], args.max_epochs)
             flags["retrain_epochs"] = args.max_epochs
@@ -116,19 +125,25 @@ def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, ar
                  " ".join(f"{k} {v:.4f}" for k, v in s["test"].items() if k in sum(results.REPORTED.values(), ())))
     matrix = folder / "matrix.json"
     if rerun or not matrix.is_file():
-        after = [evaluate_checkpoint(folder / f"task{t}.pt", args.device) for t in tasks]
+        after = [evaluate_checkpoint(folder / f"task{t}.pt", args.device, limit_batches=args.limit_eval_batches)
+                 for t in tasks]
+        stages = [read_json(folder / f"task{t}.json") for t in tasks]
+        codes = [s.get("code") or {} for s in stages]
         atomic_write_json(matrix, {"method": method, "seed": seed, "version": manifest.get("version"),
+                                   "commits": sorted({c.get("commit") for c in codes}, key=str),
+                                   "dirty": any(bool(c.get("dirty")) for c in codes), "rehearsal": rehearsal,
                                    "after": after, "reference": reference_rows(str(folder / f"task{tasks[-1]}.pt"))})
     return read_json(matrix)
 
 
 def write_results(runs: list[dict], out: Path, title: str) -> tuple[list[dict], str]:
     """table.md/csv (every reported metric, with the reference rows) and summary.md/csv;
-    returns the table's rows and the summary's text."""
+    returns the table's rows and the summary's text. Titles name the code commit (or warn)."""
     frame = results.long_frame(runs)
     table = results.metric_table(frame)
     summary = results.summary_frame(frame)
     check = results.reference_check(frame)
+    title = f"{title} ({results.provenance(runs)})"
     atomic_write_text(out / "table.md", results.format_metric_table(table, title))
     atomic_write_text(out / "table.csv", results.metric_table_csv(table))
     text = results.format_summary(summary, check, f"Summary: {title}")
@@ -161,14 +176,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--preset", choices=sorted(PRESETS) + ["paper"], help="hyperparameters "
                    "(default: the dataset's own preset if it has one, else the paper's)")
     p.add_argument("--max_epochs", type=positive_int("--max_epochs"), help="cap every task's epochs (quick looks and tests)")
-    p.add_argument("--out", default="results", help="output folder; results go to OUT/<dataset>/ "
-                   "(default %(default)s)")
+    p.add_argument("--out", default="runs", help="output folder; results go to OUT/<dataset>/ (default "
+                   "%(default)s, git-ignored; `--out results` overwrites the committed reference)")
+    p.add_argument("--limit_batches", type=positive_int("--limit_batches"), help="a rehearsal of the "
+                   "recipe: at most N training batches an epoch in every stage (marked rehearsal everywhere)")
+    p.add_argument("--limit_eval_batches", type=positive_int("--limit_eval_batches"), help="a rehearsal: at "
+                   "most N evaluation batches a split in every stage and in the final evaluation")
     p.add_argument("--no_plots", action="store_true", help="skip plot_tasks.py's pictures of each "
                    "method's first seed")
     p.add_argument("--force", action="store_true", help="retrain stages that are already done")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
-    p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32", help="precision of every stage: bf16 "
-                   "autocast pays on CUDA and on CPUs with AMX or AVX512-BF16 (default %(default)s)")
+    p.add_argument("--amp", choices=AMP_MODES, default="fp32", help="precision of every stage: fp32, tf32 "
+                   "(Ampere-or-newer GPUs; the authors' setting there) or bf16 autocast (pays on CUDA and on "
+                   "CPUs with AMX or AVX512-BF16) (default %(default)s)")
     args = p.parse_args(argv)
 
     start = time.time()
@@ -181,12 +201,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
     title = f"{', '.join(args.methods)} on {version}, seeds {' '.join(map(str, args.seeds))}"
     rows, text = write_results(runs, out, title)
     print(text)
+    place_against_reference(runs, out, name, version, args)
     if not args.no_plots:
         for method in args.methods:
             draw_run(out / method / f"seed{args.seeds[0]}")
     log.info("wrote %s (table.md, table.csv, summary.md, summary.csv) in %.1f min", out,
              (time.time() - start) / 60)
     return rows
+
+
+def place_against_reference(runs: list[dict], out: Path, name: str, version: str, args: argparse.Namespace) -> None:
+    """placement.md/csv and the log: this run against the committed reference of the same dataset
+    and protocol (results/<dataset>/table.csv), unless this run is that reference."""
+    ref_dir = HERE / "results" / name
+    if not (ref_dir / "table.csv").is_file() or out.resolve() == ref_dir.resolve():
+        return
+    head = (ref_dir / "table.md").read_text(encoding="utf-8").splitlines()[0] if (ref_dir / "table.md").is_file() else ""
+    if f" on {version}," not in head:
+        log.warning("%s is of another protocol than %s: not placed against it", ref_dir, version)
+        return
+    place = results.placement(results.long_frame(runs), ref_dir / "table.csv")
+    text = results.format_placement(place, str(ref_dir.relative_to(HERE) / "table.csv"))
+    if args.max_epochs or args.limit_batches or args.limit_eval_batches:
+        text += ("This run was shortened (--max_epochs or a rehearsal's limits): it is not expected to "
+                 "match the reference.\n")
+    atomic_write_text(out / "placement.md", text)
+    atomic_write_text(out / "placement.csv", place.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+    print(text)
 
 
 def draw_run(run: Path) -> None:

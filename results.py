@@ -15,6 +15,7 @@ Averages over tasks use each task's main metric (MRR@5 for ranking, accuracy oth
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -174,6 +175,76 @@ def reference_check(frame: pd.DataFrame) -> pd.DataFrame:
                      "best_method": best["method"], "best": best["mean"], "best_std": best["std"],
                      "margin_in_std": in_std, "beats_by_2_std": beats})
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------ provenance
+
+def provenance(runs: list[dict]) -> str:
+    """One line on the code behind a table: its commit, or a warning when the runs come from more
+    than one commit or from uncommitted changes, and a REHEARSAL mark (runs with limited batches)."""
+    commits = sorted({c for run in runs for c in run.get("commits", [None])}, key=str)
+    dirty = any(run.get("dirty") for run in runs)
+    parts = []
+    if any(run.get("rehearsal") for run in runs):
+        parts.append("REHEARSAL (--limit_batches/--limit_eval_batches): these numbers are not results")
+    if commits == [None]:
+        parts.append("code commit not recorded")
+    elif len(commits) > 1:
+        parts.append(f"WARNING: the runs come from {len(commits)} code commits "
+                     f"({', '.join(str(c)[:10] for c in commits)}): rerun them at one commit to compare")
+    else:
+        parts.append(f"code {str(commits[0])[:10]}")
+    if dirty:
+        parts.append("WARNING: some runs had uncommitted changes")
+    return "; ".join(parts)
+
+
+def placement(frame: pd.DataFrame, reference_csv: str | Path, tolerance: float = 2.0) -> pd.DataFrame:
+    """Each method and task of this comparison against a committed reference table
+    (`table.csv`) of the same protocol: the final main metric here (mean over this run's seeds),
+    the reference's mean and std after the last task, the distance in reference std, and
+    whether it lies within `tolerance` std."""
+    ref = pd.read_csv(reference_csv)
+    main = main_metric(frame[frame["method"] != REFERENCE])
+    last = main.groupby(["method", "seed"])["after"].transform("max")
+    final = main[main["after"] == last].groupby(["method", "task", "name", "metric"], sort=False)["value"]
+    final = final.agg(["mean", "count"]).reset_index()
+    rows = []
+    for r in final.itertuples():
+        match = ref[(ref["method"] == r.method) & (ref["task"] == r.task) & (ref["metric"] == r.metric)]
+        if match.empty:
+            continue
+        m, sd = float(match["after_last_mean"].iloc[0]), float(match["after_last_std"].iloc[0])
+        seeds = sum(1 for c in match.columns if c.startswith("after_last_seed") and pd.notna(match[c].iloc[0]))
+        d = (r.mean - m) / sd if sd > 0 else (0.0 if r.mean == m else math.copysign(math.inf, r.mean - m))
+        rows.append({"method": r.method, "task": r.task, "name": r.name, "metric": r.metric, "value": r.mean,
+                     "seeds": int(r.count), "reference_mean": m, "reference_std": sd, "reference_seeds": seeds,
+                     "distance_in_std": d, "within": bool(abs(d) <= tolerance)})
+    return pd.DataFrame(rows)
+
+
+def format_placement(place: pd.DataFrame, reference: str, tolerance: float = 2.0) -> str:
+    """The placement table and a plain verdict."""
+    if place.empty:
+        return f"No method of this run is in the reference {reference}: nothing to place it against."
+    lines = [f"Your run against the committed reference {reference} (final model, main metric):", "",
+             "| method | task | name | metric | yours | reference (mean ± std, seeds) | distance / std | |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in place.itertuples():
+        lines.append(f"| {r.method} | {r.task} | {r.name} | {r.metric} | {r.value:.4f} | "
+                     f"{_pm(r.reference_mean, r.reference_std)} ({r.reference_seeds}) | {r.distance_in_std:+.1f} | "
+                     f"{'ok' if r.within else 'OUTSIDE'} |")
+    outside = place[~place["within"]]
+    lines.append("")
+    if outside.empty:
+        lines.append(f"Reproduced: every task lies within {tolerance:g} std of the reference.")
+    else:
+        which = ", ".join(f"{r.method} T{r.task} ({r.distance_in_std:+.1f} std)" for r in outside.itertuples())
+        lines.append(f"NOT reproduced on {len(outside)} of {len(place)} task(s): {which} lie outside {tolerance:g} "
+                     "std of the reference. Likely causes: another code commit than the reference's, the CPU "
+                     "(float kernels differ between AVX2, AVX512 and AMX), the thread count, the torch version, "
+                     "or a seed that the reference's few seeds do not cover; see the README's robustness table.")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------ formatting
