@@ -11,16 +11,14 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from chunked_ce import CE_CHUNK_ELEMENTS, next_item_loss  # noqa: F401  (task 1's loss, re-exported)
 from nextitnet import NextItNet
 
 ALPHA = 0.7          # weight of the knowledge-retention loss (eq. 18)
 RHO_INIT = 0.9       # initial sampling ratio of every past task
 RHO_SHARPNESS = 6.0  # rho_i = 1 - mean sigmoid(6 * cos(...)) (eq. 15)
 COS_EPS = 1e-6       # the authors' nn.CosineSimilarity(dim=1, eps=1e-6): norms below it are clamped
-CE_CHUNK_ELEMENTS = 1 << 26  # task-1 logits held at once: 256 MB in fp32 (104 positions at 646k items)
 
 
 def anneal_s(batch: int, batches_per_epoch: float, smax: float) -> float:
@@ -56,23 +54,6 @@ def update_rho(teacher_masks: torch.Tensor, new_task_mask: torch.Tensor) -> np.n
     """
     cos = F.cosine_similarity(teacher_masks, new_task_mask.unsqueeze(0), dim=-1, eps=COS_EPS)  # [T-1, M]
     return (1.0 - torch.sigmoid(RHO_SHARPNESS * cos).mean(dim=1)).detach().double().cpu().numpy()
-
-
-def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
-
-
-def next_item_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                   chunk_elements: int = CE_CHUNK_ELEMENTS) -> torch.Tensor:
-    """Mean cross-entropy of `head(hidden)` [P, N] against `targets` [P], never holding more
-    than `chunk_elements` logits: chunks of positions are recomputed in backward, so loss and
-    gradients equal the full cross-entropy (task 1 over 646k items on TTL)."""
-    rows = max(1, chunk_elements // head.out_features)
-    if rows >= len(hidden):
-        return F.cross_entropy(head(hidden), targets)
-    total = sum(checkpoint(_ce_sum, hidden[i:i + rows], head.weight, head.bias, targets[i:i + rows],
-                           use_reentrant=False) for i in range(0, len(hidden), rows))
-    return total / len(hidden)
 
 
 # ------------------------------------------------------------------------ training steps
