@@ -46,14 +46,20 @@ def knowledge_retention_loss(student: list[torch.Tensor | None], teacher: list[t
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def update_rho(teacher_masks: torch.Tensor, new_task_mask: torch.Tensor) -> np.ndarray:
+def rho_of_masks(teacher_masks: torch.Tensor, new_task_mask: torch.Tensor) -> torch.Tensor:
     """eq. 15: rho_i = 1 - mean over masked layers of sigmoid(6 * cos(m_i^teacher, m_new^student)).
 
-    teacher_masks [T-1, M, C], new_task_mask [M, C] -> [T-1]. The cosine clamps each norm at
-    COS_EPS as the authors' code does, which matters when a layer's mask is near zero.
+    teacher_masks [T-1, M, C], new_task_mask [M, C] -> [T-1] float64, on their device. The cosine
+    clamps each norm at COS_EPS as the authors' code does, which matters when a layer's mask is
+    near zero.
     """
     cos = F.cosine_similarity(teacher_masks, new_task_mask.unsqueeze(0), dim=-1, eps=COS_EPS)  # [T-1, M]
-    return (1.0 - torch.sigmoid(RHO_SHARPNESS * cos).mean(dim=1)).detach().double().cpu().numpy()
+    return (1.0 - torch.sigmoid(RHO_SHARPNESS * cos).mean(dim=1)).detach().double()
+
+
+def update_rho(teacher_masks: torch.Tensor, new_task_mask: torch.Tensor) -> np.ndarray:
+    """`rho_of_masks` on the host."""
+    return rho_of_masks(teacher_masks, new_task_mask).cpu().numpy()
 
 
 # ------------------------------------------------------------------------ training steps
@@ -73,8 +79,7 @@ class Step:
 
     def backward(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         loss = self.loss(src, tgt, s)
-        if torch.isfinite(loss):
-            loss.backward()
+        loss.backward()  # unconditionally: no host sync here; train_step discards a non-finite step
         return loss.detach()
 
     def state_dict(self) -> dict:
@@ -138,6 +143,18 @@ class RetentionStep(Step):
         self.rho = np.full(teacher.num_tasks, RHO_INIT)
         self.stats = RetentionStats(len(self.rho))
 
+    @property
+    def rho(self) -> np.ndarray:
+        """The sampling ratios of the next batch; a step's update (on the device) is brought to the
+        host only when first read, after that step's backward is queued."""
+        if self._rho_next is not None:
+            self._rho, self._rho_next = self._rho_next.cpu().numpy(), None
+        return self._rho
+
+    @rho.setter
+    def rho(self, value: np.ndarray) -> None:
+        self._rho, self._rho_next = np.asarray(value, dtype=np.float64), None
+
     def _subsets(self, batch_size: int) -> list[np.ndarray]:
         subsets = sample_subsets(self.rho, batch_size, self.rng, self.min_rows)
         self.stats.add(self.rho, subsets)
@@ -152,7 +169,7 @@ class RetentionStep(Step):
         *student_logits, logits = self.model.task_logits(src, past + [(self.model.num_tasks - 1, None)], masks)
         loss = F.cross_entropy(logits, tgt)
         loss = loss + self.alpha * knowledge_retention_loss(student_logits, teacher_logits, self.rho)
-        self.rho = update_rho(teacher_masks, masks[-1])  # used by the next batch
+        self._rho_next = rho_of_masks(teacher_masks, masks[-1])  # used by the next batch
         return loss
 
     def backward(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
@@ -165,7 +182,7 @@ class RetentionStep(Step):
         with torch.no_grad():
             teacher_masks = self.teacher.masks(s)
         weights = self.rho / self.rho.sum()
-        self.rho = update_rho(teacher_masks, masks[-1].detach())  # used by the next batch
+        self._rho_next = rho_of_masks(teacher_masks, masks[-1].detach())  # used by the next batch
         # every stacked row as (task, row of the batch), in the unchunked step's order
         task_of = np.concatenate([np.full(len(sub), i) for i, sub in enumerate(subsets)] + [np.full(batch, new)])
         row_of = np.concatenate([*subsets, np.arange(batch)])
@@ -187,9 +204,7 @@ class RetentionStep(Step):
                     terms.append(self.alpha * weights[t] * F.mse_loss(logits, teacher_of[t], reduction="sum")
                                  / denominator)
             chunk_loss = torch.stack(terms).sum()
-            if not torch.isfinite(chunk_loss):
-                return chunk_loss.detach()  # the caller skips the update
-            chunk_loss.backward()
+            chunk_loss.backward()  # no host sync per chunk: a non-finite total makes train_step skip
             total += chunk_loss.detach().double()
         masks.backward(leaf.grad)
         return total.to(masks.dtype)
