@@ -54,16 +54,16 @@ PRESETS = {
 }
 
 
-def stage_done(prefix: Path, data_file: str, rehearsal: bool) -> bool:
-    """The stage's checkpoint exists and its summary says it finished on this very task file, as
-    a rehearsal exactly when this is one."""
+def stage_done(prefix: Path, data_file: str, limits: dict[str, int]) -> bool:
+    """The stage's checkpoint exists and its summary says it finished on this very task file, with
+    the same rehearsal limits (`limit_batches`, `limit_eval_batches`; 0 for a real run)."""
     summary = prefix.with_suffix(".json")
     if not (prefix.with_suffix(".pt").is_file() and summary.is_file()):
         return False
     try:
         s = read_json(summary)
         return (bool(s.get("finished")) and s["task"]["file_sha256"] == sha256_file(data_file)
-                and bool(s.get("rehearsal")) == rehearsal)
+                and all((s["args"].get(k) or 0) == v for k, v in limits.items()))
     except (UserError, KeyError, TypeError, OSError):
         return False
 
@@ -95,11 +95,12 @@ def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, ar
     folder = out / method / f"seed{seed}"
     tasks = sorted(int(t["task"]) for t in manifest["tasks"])
     rerun = args.force
-    rehearsal = bool(args.limit_batches or args.limit_eval_batches)
+    limits = {k: getattr(args, k) or 0 for k in ("limit_batches", "limit_eval_batches")}
+    rehearsal = any(limits.values())
     for i, task in enumerate(tasks):
         prefix = folder / f"task{task}"
         name = dl.manifest_task(manifest, task)["name"]
-        if not rerun and stage_done(prefix, dl.manifest_task(manifest, task)["file"], rehearsal):
+        if not rerun and stage_done(prefix, dl.manifest_task(manifest, task)["file"], limits):
             log.info("[%s seed %d] stage %d/%d: task %d (%s) already done, skipped", method, seed, i + 1,
                      len(tasks), task, name)
             continue

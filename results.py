@@ -183,6 +183,8 @@ def provenance(runs: list[dict]) -> str:
     """One line on the code behind a table: its commit, or a warning when the runs come from more
     than one commit or from uncommitted changes, and a REHEARSAL mark (runs with limited batches)."""
     commits = sorted({c for run in runs for c in run.get("commits", [None])}, key=str)
+    unrecorded = None in commits and len(commits) > 1
+    commits = [c for c in commits if c is not None] or [None]
     dirty = any(run.get("dirty") for run in runs)
     parts = []
     if any(run.get("rehearsal") for run in runs):
@@ -194,6 +196,8 @@ def provenance(runs: list[dict]) -> str:
                      f"({', '.join(str(c)[:10] for c in commits)}): rerun them at one commit to compare")
     else:
         parts.append(f"code {str(commits[0])[:10]}")
+    if unrecorded:
+        parts.append("WARNING: some runs recorded no code commit")
     if dirty:
         parts.append("WARNING: some runs had uncommitted changes")
     return "; ".join(parts)
@@ -232,14 +236,14 @@ def format_placement(place: pd.DataFrame, reference: str, tolerance: float = 2.0
              "|---|---|---|---|---|---|---|---|"]
     for r in place.itertuples():
         lines.append(f"| {r.method} | {r.task} | {r.name} | {r.metric} | {r.value:.4f} | "
-                     f"{_pm(r.reference_mean, r.reference_std)} ({r.reference_seeds}) | {r.distance_in_std:+.1f} | "
+                     f"{_pm(r.reference_mean, r.reference_std)} ({r.reference_seeds}) | {r.distance_in_std:+.2f} | "
                      f"{'ok' if r.within else 'OUTSIDE'} |")
     outside = place[~place["within"]]
     lines.append("")
     if outside.empty:
         lines.append(f"Reproduced: every task lies within {tolerance:g} std of the reference.")
     else:
-        which = ", ".join(f"{r.method} T{r.task} ({r.distance_in_std:+.1f} std)" for r in outside.itertuples())
+        which = ", ".join(f"{r.method} T{r.task} ({r.distance_in_std:+.2f} std)" for r in outside.itertuples())
         lines.append(f"NOT reproduced on {len(outside)} of {len(place)} task(s): {which} lie outside {tolerance:g} "
                      "std of the reference. Likely causes: another code commit than the reference's, the CPU "
                      "(float kernels differ between AVX2, AVX512 and AMX), the thread count, the torch version, "

@@ -540,7 +540,8 @@ def test_reproduce_table_two_methods_two_seeds_and_skips_when_done(tmp_path, mon
     # matrix.json: the evaluation of every checkpoint, and the reference on the same split
     matrix = {(m, s): reproduce.read_json(out / m / f"seed{s}" / "matrix.json") for m in methods for s in seeds}
     for (method, seed), mx in matrix.items():
-        assert set(mx) == {"method", "seed", "version", "after", "reference"}
+        assert set(mx) == {"method", "seed", "version", "commits", "dirty", "rehearsal", "after", "reference"}
+        assert mx["rehearsal"] is False and len(mx["commits"]) == 1
         assert (mx["method"], mx["seed"], mx["version"]) == (method, seed, manifest.get("version"))
         assert [[r["task"] for r in rows_i] for rows_i in mx["after"]] == [[1], [1, 2], [1, 2, 3]]
         assert all(r["method"] == method for rows_i in mx["after"] for r in rows_i)

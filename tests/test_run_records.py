@@ -467,10 +467,10 @@ def test_placement_distances_and_the_two_std_boundary(tmp_path, placement_runs):
     text = results.format_placement(place, "results/toy/table.csv")
     lines = text.splitlines()
     assert lines[0] == "Your run against the committed reference results/toy/table.csv (final model, main metric):"
-    assert "| teracon | 1 | watch | mrr@5 | 0.3125 | 0.2500 ± 0.0312 (2) | +2.0 | ok |" in lines
-    assert "| teracon | 2 | age | accuracy | 0.6250 | 0.5000 ± 0.0620 (2) | +2.0 | OUTSIDE |" in lines
-    assert "| sinmo | 1 | watch | mrr@5 | 0.2000 | 0.2000 ± 0.0000 (1) | +0.0 | ok |" in lines
-    assert lines[-1].startswith("NOT reproduced on 1 of 4 task(s): teracon T2 (+2.0 std) lie outside 2 std of the "
+    assert "| teracon | 1 | watch | mrr@5 | 0.3125 | 0.2500 ± 0.0312 (2) | +2.00 | ok |" in lines
+    assert "| teracon | 2 | age | accuracy | 0.6250 | 0.5000 ± 0.0620 (2) | +2.02 | OUTSIDE |" in lines
+    assert "| sinmo | 1 | watch | mrr@5 | 0.2000 | 0.2000 ± 0.0000 (1) | +0.00 | ok |" in lines
+    assert lines[-1].startswith("NOT reproduced on 1 of 4 task(s): teracon T2 (+2.02 std) lie outside 2 std of the "
                                 "reference. Likely causes: ")
     assert "Reproduced:" not in text
 
