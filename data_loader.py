@@ -1,12 +1,20 @@
-"""Task files, the item index, the 80/5/15 split and batching (SPEC 1-2).
+"""Task files, the item index, the 80/5/15 split and batching (SPEC 1-2), and the prepared cache.
 
 File formats (SPEC 1): a task-1 file holds one left-padded sequence of raw item ids per line;
 a task-n file holds `SOURCE,,TARGETS` lines. Every reader validates before anything is
 trained and raises `UserError` naming the file and the line.
+
+The prepared cache: `prepare_data.py` stores each task file's parsed and mapped arrays as `.npy`
+files in `cache/` next to the manifest (`cache/<file name>.json` records the file's sha256, the
+item index and the command that wrote it). `load_task1` and `load_task` use it when the file's
+sha256 (computed on every load) and, for task n, the item index still match; otherwise they parse
+the CSV as without a cache and log that the cache is stale. Either way the arrays are the same.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -16,9 +24,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from utils import UserError, atomic_write_json, metric_kind, quote, read_json, require_file
+from utils import (UserError, atomic_write, atomic_write_json, metric_kind, quote, read_json, require_file,
+                   sha256_file)
+
+log = logging.getLogger("teracon")
 
 DATA_ROOT = Path("Data")
+CACHE_DIR = "cache"   # the prepared cache's folder, next to the manifest (and, by default, the task file)
+CACHE_FORMAT = 1      # bump when the cached arrays change meaning
 # TTL as the CONURE authors publish it, in TERACON's task order (SPEC 1): (task name, file name)
 TTL_TASKS = (("pretrain", "original_desen_pretrain.csv"), ("click", "original_desen_finetune_click_nouserID.csv"),
              ("like", "original_desen_finetune_like_nouserID.csv"), ("age", "original_desen_age.csv"),
@@ -133,8 +146,13 @@ def load_item_index(path: str | Path) -> np.ndarray:
     return items
 
 
-def map_items(raw: np.ndarray, items: np.ndarray, path: Path) -> np.ndarray:
-    """Raw ids -> 0..N-1 through the index; an id absent from the task-1 index is an error."""
+def id_dtype(n: int) -> np.dtype:
+    """int32 when the indices 0..n-1 fit in it, else int64."""
+    return np.dtype(np.int32) if n <= np.iinfo(np.int32).max else np.dtype(np.int64)
+
+
+def map_items(raw: np.ndarray, items: np.ndarray, path: Path, dtype: np.dtype | type = np.int64) -> np.ndarray:
+    """Raw ids -> 0..N-1 through the index (as `dtype`); an id absent from the task-1 index is an error."""
     pos = np.searchsorted(items, raw)
     pos_c = np.minimum(pos, len(items) - 1)
     ok = (raw == 0) | (items[pos_c] == raw)
@@ -142,7 +160,30 @@ def map_items(raw: np.ndarray, items: np.ndarray, path: Path) -> np.ndarray:
         row = int(np.argwhere(~ok)[0][0]) if raw.ndim == 2 else int(np.argmax(~ok))
         bad = int(raw[~ok].flat[0])
         raise UserError(f"{path}: line {row + 1}: item {bad} is not in the task-1 item index")
-    return np.where(raw == 0, 0, pos + 1)
+    del pos_c, ok
+    out = pos.astype(dtype, copy=False)
+    out += 1
+    out[raw == 0] = 0
+    return out
+
+
+def map_task1(raw: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A parsed task-1 file -> (sequences as item indices [lines, L], int32 where they fit; item index)."""
+    items = build_item_index(raw)
+    if len(items) == 0:
+        raise UserError(f"{path}: every item is padding (0); nothing to learn")
+    return map_items(raw, items, path, id_dtype(len(items) + 1)), items
+
+
+def map_sources(raw: np.ndarray, items: np.ndarray, path: Path) -> np.ndarray:
+    """A task-n file's sources -> item indices through the task-1 index (int32 where they fit)."""
+    return map_items(raw, items, path, id_dtype(len(items) + 1))
+
+
+def target_classes(raw_targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels: the distinct raw targets sorted, targets: the class index 0..K-1 of each, int64)."""
+    labels, targets = np.unique(raw_targets, return_inverse=True)
+    return labels, targets.astype(np.int64, copy=False).reshape(-1)
 
 
 # --------------------------------------------------------------------------------- split
@@ -200,47 +241,150 @@ class TaskData:
         return metric_kind(self.num_classes)
 
     def batch(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(source sequences [b, L], targets [b]) of examples `idx` on `device`."""
+        """(source sequences [b, L] int64, targets [b]) of examples `idx` on `device` (the sources are
+        held as int32 where the ids fit and widened after the copy)."""
         i = torch.from_numpy(idx)
-        return (self.sources[self.line_of_example[i]].to(device, non_blocking=True),
+        return (self.sources[self.line_of_example[i]].to(device, non_blocking=True).long(),
                 self.targets[i].to(device, non_blocking=True))
 
 
-def load_task1(path: str | Path, seed: int, split_by: str = "example") -> tuple[TaskData, np.ndarray]:
-    """Read the task-1 file, build its item index and split."""
+def load_task1(path: str | Path, seed: int, split_by: str = "example",
+               cache_dir: str | Path | None = None) -> tuple[TaskData, np.ndarray]:
+    """Read the task-1 file (or its prepared cache, see `read_cache`), build its item index and split."""
     path = Path(path)
-    raw = read_sequence_file(path)
-    if raw.shape[1] < 2:
+    cached = read_cache(path, cache_dir)
+    if cached is not None:
+        seqs, items = cached["sources"], cached["items"]
+    else:
+        raw = read_sequence_file(path)
+        if raw.shape[1] < 2:
+            raise UserError(f"{path}: sequences need at least 2 items (inputs seq[:-1], target seq[-1])")
+        seqs, items = map_task1(raw, path)
+        del raw
+    if seqs.shape[1] < 2:
         raise UserError(f"{path}: sequences need at least 2 items (inputs seq[:-1], target seq[-1])")
-    items = build_item_index(raw)
-    if len(items) == 0:
-        raise UserError(f"{path}: every item is padding (0); nothing to learn")
     if len(items) < 2:
         raise UserError(f"{path}: every item is {items[0]}: one item only, nothing to learn")
-    seqs = torch.from_numpy(map_items(raw, items, path))
-    lines = torch.arange(len(seqs))
-    data = TaskData(1, "task1", str(path), seqs, torch.full((len(seqs),), -1), lines,
+    sources = torch.from_numpy(seqs)
+    lines = torch.arange(len(sources))
+    data = TaskData(1, "task1", str(path), sources, torch.full((len(sources),), -1), lines,
                     len(items) + 1, np.arange(len(items) + 1))
     data.splits = split_examples(lines.numpy(), seed, split_by)
     return data, items
 
 
 def load_task(task: int, path: str | Path, items: np.ndarray, seed: int, split_by: str = "example",
-              name: str | None = None) -> TaskData:
-    """Read a task-n file, map sources through the task-1 index and targets to 0..K-1, split."""
+              name: str | None = None, cache_dir: str | Path | None = None) -> TaskData:
+    """Read a task-n file (or its prepared cache, when it was mapped with this item index), map
+    sources through the task-1 index and targets to 0..K-1, split."""
     path = Path(path)
-    raw_src, raw_tgt, line_of_example = read_task_file(path)
-    if raw_src.shape[1] < 2:
+    cached = read_cache(path, cache_dir, items)
+    if cached is not None:
+        sources, targets = cached["sources"], cached["targets"].astype(np.int64)
+        line_of_example, labels = cached["line_of_example"].astype(np.int64), cached["labels"]
+    else:
+        raw_src, raw_tgt, line_of_example = read_task_file(path)
+        if raw_src.shape[1] < 2:
+            raise UserError(f"{path}: sources need at least 2 items (task 1's pseudo-labels read position -2)")
+        sources = map_sources(raw_src, items, path)
+        del raw_src
+        labels, targets = target_classes(raw_tgt)
+    if sources.shape[1] < 2:
         raise UserError(f"{path}: sources need at least 2 items (task 1's pseudo-labels read position -2)")
-    sources = torch.from_numpy(map_items(raw_src, items, path))
-    labels, targets = np.unique(raw_tgt, return_inverse=True)
     if len(labels) < 2:
         raise UserError(f"{path}: every example has the target {labels[0]}: the task has only one class, "
                         "nothing to learn")
-    data = TaskData(task, name or f"task{task}", str(path), sources, torch.from_numpy(targets),
+    data = TaskData(task, name or f"task{task}", str(path), torch.from_numpy(sources), torch.from_numpy(targets),
                     torch.from_numpy(line_of_example), len(labels), labels)
     data.splits = split_examples(line_of_example, seed, split_by)
     return data
+
+
+# ------------------------------------------------------------------------ prepared cache
+
+def cache_record_path(path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where the cache record of task file `path` lives: `<cache_dir>/<file name>.json`, with
+    `cache_dir` defaulting to `cache/` beside the file."""
+    path = Path(path)
+    folder = Path(cache_dir) if cache_dir is not None else path.parent / CACHE_DIR
+    return folder / f"{path.name}.json"
+
+
+def _array_path(record: Path, key: str) -> Path:
+    return record.with_name(f"{record.name[:-len('.json')]}.{key}.npy")
+
+
+def write_cache(path: str | Path, arrays: dict[str, np.ndarray], items: np.ndarray, prepared_by: str,
+                cache_dir: str | Path | None = None, sha256: str | None = None) -> Path:
+    """Store a task file's parsed and mapped arrays as .npy files plus a JSON record (the file's
+    sha256, size, the item index checksum, the arrays' dtypes and shapes, `prepared_by`: the
+    command that re-prepares it). Task 1: `sources`, `items`; task n: `sources`, `targets`,
+    `line_of_example`, `labels`. The record is written last, so a record means complete arrays.
+    `sha256`: the file's digest when the caller computed it while writing; returns the record."""
+    path = Path(path)
+    wanted = {"sources", "items"} if "items" in arrays else {"sources", "targets", "line_of_example", "labels"}
+    if set(arrays) != wanted:
+        raise ValueError(f"cache arrays must be {sorted(wanted)}, got {sorted(arrays)}")
+    record = cache_record_path(path, cache_dir)
+    record.unlink(missing_ok=True)  # no record may describe half-replaced arrays
+    specs = {}
+    for key, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        if key in ("targets", "line_of_example"):  # small, stored narrow, widened to int64 on load
+            array = array.astype(id_dtype(int(array.max(initial=0)) + 1), copy=False)
+        atomic_write(_array_path(record, key), lambda f, a=array: np.save(f, a, allow_pickle=False), "wb")
+        specs[key] = {"dtype": array.dtype.str, "shape": list(array.shape)}
+    atomic_write_json(record, {
+        "format": CACHE_FORMAT, "file": str(path.resolve()), "sha256": sha256 or sha256_file(path),
+        "size": path.stat().st_size, "index_checksum": index_checksum(items), "prepared_by": prepared_by,
+        "arrays": specs})
+    return record
+
+
+def read_cache(path: str | Path, cache_dir: str | Path | None = None,
+               items: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """The prepared arrays of task file `path` (`sources` memory-mapped), or None when there is no
+    cache record. A record whose sha256 differs from the file's (computed now), that was mapped
+    with another item index than `items` (task n), or whose arrays do not read back as recorded
+    gives None and one log line saying the cache is stale and how to re-prepare it."""
+    path = require_file(path, "file not found")
+    record = cache_record_path(path, cache_dir)
+    if not record.is_file():
+        return None
+    try:
+        meta = json.loads(record.read_text())
+        specs, prepared_by = dict(meta["arrays"]), str(meta["prepared_by"])
+        if meta["format"] != CACHE_FORMAT or ("items" in specs) != (items is None):
+            raise ValueError("another cache format or kind of task")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: the prepared cache %s is unreadable (%s); parsing the CSV instead "
+                    "(re-prepare with `python prepare_data.py ...`)", path, record, e)
+        return None
+    why = None
+    if meta.get("sha256") != sha256_file(path):
+        why = "the file changed since it was prepared (sha256 differs)"
+    elif items is not None and meta.get("index_checksum") != index_checksum(items):
+        why = "it was mapped with another task-1 item index"
+    arrays = {}
+    if why is None:
+        try:
+            for key, spec in specs.items():
+                array = np.load(_array_path(record, key), mmap_mode="c" if key == "sources" else None,
+                                allow_pickle=False)
+                if array.dtype.str != spec["dtype"] or list(array.shape) != spec["shape"]:
+                    raise ValueError(f"{key} is {array.dtype.str} {list(array.shape)}, the record says "
+                                     f"{spec['dtype']} {spec['shape']}")
+                arrays[key] = array
+            if items is None and index_checksum(arrays["items"]) != meta.get("index_checksum"):
+                raise ValueError("the item index does not match its checksum")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            why = f"its arrays do not read back ({e})"
+    if why is not None:
+        log.warning("%s: the prepared cache %s is stale: %s; parsing the CSV instead (re-prepare with `%s`)",
+                    path, record, why, prepared_by)
+        return None
+    log.info("%s: read from the prepared cache %s", path, record.parent)
+    return arrays
 
 
 def batches(idx: np.ndarray, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
@@ -264,6 +408,8 @@ def load_manifest(dataset: str, root: str | Path = DATA_ROOT) -> dict:
     try:
         for t in manifest["tasks"]:
             t["file"] = str((path.parent / t["file"]))
+            if "cache_dir" in t:
+                t["cache_dir"] = str(path.parent / t["cache_dir"])
             int(t["task"]), str(t["name"])
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path}: manifest needs a 'tasks' list of {{task, name, file}} entries") from None
