@@ -15,6 +15,7 @@ import pytest
 
 import data_loader as dl
 import prepare_data as pd_
+from datasets import movielens as ml  # the module whose pins the fake wheel patches
 from data_loader import read_sequence_file, read_task_file
 from utils import UserError
 
@@ -199,8 +200,8 @@ def _fake_wheel(path: Path, monkeypatch, inter: bytes, item: bytes) -> None:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(members["inter"], inter)
         z.writestr(members["item"], item)
-    monkeypatch.setattr(pd_, "RECBOLE_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
-    monkeypatch.setattr(pd_, "ML100K_MEMBERS", {
+    monkeypatch.setattr(ml, "RECBOLE_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(ml, "ML100K_MEMBERS", {
         "inter": (members["inter"], hashlib.sha256(inter).hexdigest()),
         "item": (members["item"], hashlib.sha256(item).hexdigest())})
 
@@ -236,7 +237,7 @@ def test_ml100k_corrupt_wheel(tmp_path, monkeypatch):
     wheel.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(UserError, match="sha256"):
         pd_.prepare_ml100k(tmp_path / "out", tmp_path)
-    monkeypatch.setattr(pd_, "RECBOLE_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    monkeypatch.setattr(ml, "RECBOLE_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
     with pytest.raises(UserError, match="not a readable zip"):
         pd_.prepare_ml100k(tmp_path / "out", tmp_path)
     assert not (tmp_path / "out").exists()
@@ -247,8 +248,8 @@ def test_ml100k_member_checksum(tmp_path, monkeypatch, key):
     """Each member (.inter and .item) is checked against its own pinned sha256 even when the
     wheel's pin matches; a mismatch is a UserError and nothing is written."""
     _fake_wheel(tmp_path / pd_.RECBOLE_WHEEL, monkeypatch, _inter_bytes(), _item_bytes())
-    monkeypatch.setitem(pd_.ML100K_MEMBERS, key, (pd_.ML100K_MEMBERS[key][0], "0" * 64))
-    with pytest.raises(UserError, match=f"member {pd_.ML100K_MEMBERS[key][0]} does not match its pinned sha256"):
+    monkeypatch.setitem(ml.ML100K_MEMBERS, key, (ml.ML100K_MEMBERS[key][0], "0" * 64))
+    with pytest.raises(UserError, match=f"member {ml.ML100K_MEMBERS[key][0]} does not match its pinned sha256"):
         pd_.prepare_ml100k(tmp_path / "out", tmp_path)
     assert not (tmp_path / "out").exists()
 
@@ -407,7 +408,7 @@ def test_ttl_manifest(tmp_path):
     for t, (_, f) in zip(m["tasks"], dl.TTL_TASKS):
         assert Path(t["file"]).is_absolute() and Path(t["file"]) == (src / f).resolve()
     assert "| 2 | click | - | 2 | 3 |" in (tmp_path / "out" / "stats.md").read_text()
-    assert sorted(os.listdir(tmp_path / "out")) == ["stats.md", "tasks.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["cache", "stats.md", "tasks.json"]  # no CSV copies
     # the task scripts' default files (data_loader.TTL_FILES) are the same six, numbered from 1
     assert dl.TTL_FILES == {n: f for n, (_, f) in enumerate(dl.TTL_TASKS, 1)}
 
