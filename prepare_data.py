@@ -5,6 +5,7 @@ the prepared cache. The command line; each dataset lives in its module under `da
     python prepare_data.py ml-25m --source ml-25m.zip   # user-supplied MovieLens-25M
     python prepare_data.py ttl --source DIR             # validate the six CONURE Tencent files
     python prepare_data.py synthetic --users 200        # small generated data with learnable signal
+    python prepare_data.py ttl-shape --lines 20000      # generated data with TTL's published shapes
 
 Every dataset lands in `Data/<dataset>/` (`--out DIR` overrides) as task files plus `tasks.json`
 (the manifest the training scripts read), `stats.md` (the statistics table, also logged) and
@@ -18,6 +19,7 @@ import argparse
 from pathlib import Path
 
 import utils
+from datasets import ttl_shape
 # re-exported: tests and scripts import these names from prepare_data
 from datasets.common import (MANIFEST, STATS, Task, flatten_targets, format_sequences,  # noqa: F401
                              format_task_lines, left_pad, task_lines, task_stats, windows, write_dataset,
@@ -40,11 +42,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _classes(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if len(values) != 5 or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: need five counts (tasks 2-6), each at least 2")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per dataset."""
     parser = argparse.ArgumentParser(
         description="Write a dataset's TERACON task files, tasks.json manifest, stats.md and prepared cache.")
-    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{ml-100k,ml-25m,ttl,synthetic}")
+    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{ml-100k,ml-25m,ttl,synthetic,ttl-shape}")
 
     def common(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--out", default=None,
@@ -87,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_positive, default=6, help="number of tasks, >= 2 (default 6)")
     p.add_argument("--seed", type=utils.seed_type("--seed"), default=0, help="random seed (default 0)")
 
+    p = sub.add_parser("ttl-shape", help="synthetic data with TTL's published shapes under TTL's file names "
+                       "(645,974-item head, 17,879/7,539/8/2/6 classes, length 100)")
+    common(p, "ttl-shape")
+    p.add_argument("--lines", type=_positive, default=ttl_shape.DEFAULT_LINES,
+                   help=f"lines per task (default {ttl_shape.DEFAULT_LINES:,}; TTL's counts are not "
+                        "published); task 1 must have room for every item")
+    p.add_argument("--seed", type=utils.seed_type("--seed"), default=0, help="random seed (default 0)")
+    p.add_argument("--items", type=_positive, default=ttl_shape.TTL_ITEMS,
+                   help=f"distinct non-zero items, all of them in task 1; the head adds padding "
+                        f"(default {ttl_shape.TTL_ITEMS:,}: TTL's head of {ttl_shape.TTL_HEADS[0]:,}); "
+                        "smaller for tests")
+    p.add_argument("--classes", type=_classes, default=ttl_shape.TTL_CLASSES,
+                   help="target classes of tasks 2-6, comma-separated (default "
+                        f"{','.join(map(str, ttl_shape.TTL_CLASSES))}: TTL's heads less one <UNK> each)")
+    p.add_argument("--seq_len", type=_positive, default=ttl_shape.TTL_SEQ_LEN,
+                   help=f"sequence length, left-padded (default {ttl_shape.TTL_SEQ_LEN})")
+    p.add_argument("--clusters", type=_positive, default=ttl_shape.CLUSTERS,
+                   help=f"latent user clusters carrying the learnable signal (default {ttl_shape.CLUSTERS})")
     return parser
 
 
@@ -109,6 +139,10 @@ def _prepare(args: argparse.Namespace, out: Path) -> Path:
         return prepare_ml25m(out, args.source, args.window, args.src_len, args.targets)
     if args.dataset == "ttl":
         return prepare_ttl(out, args.source)
+    if args.dataset == "ttl-shape":
+        config = ttl_shape.ShapeConfig(lines=args.lines, items=args.items, classes=args.classes,
+                                       seq_len=args.seq_len, clusters=args.clusters, seed=args.seed)
+        return ttl_shape.make_ttl_shape(out, config)
     return make_synthetic(out, args.users, args.items, args.seq_len, args.tasks, args.seed)
 
 
