@@ -38,7 +38,7 @@ P_CLUSTER = 0.6      # a drawn item comes from the user's cluster, else from all
 P_NEXT = 0.3         # a position after the first repeats its predecessor's fixed successor
 P_PROFILE = 0.85     # a profile label is the user's cluster's label, else uniform
 TARGETS = {"click": (1, 3), "like": (1, 2)}  # targets a line draws before coverage (inclusive)
-RAW_ID_RANGE = 999_999  # raw item ids: a sorted random sample of 1..this (6 digits, like a real id space)
+RAW_ID_RANGE = 999_999  # raw item ids: a sorted random sample of 1..max(this, 2 x items), so the index is no identity
 CHUNK_ROWS = 20_000
 
 
