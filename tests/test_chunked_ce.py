@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import helpers  # noqa: F401  (puts the repository root on sys.path)
 import chunked_ce
 import teracon
-from chunked_ce import ChunkedLinearCrossEntropy, next_item_loss
+from chunked_ce import ChunkedLinearCrossEntropy, chunk_block, next_item_loss
 from nextitnet import NextItNet
 
 ROWS, CHANNELS, ITEMS = 29, 8, 23
@@ -61,6 +61,31 @@ def test_upstream_gradient_scales_and_partial_needs():
     for g, w in zip(torch.autograd.grad(chunked, [head.weight, head.bias]),
                     torch.autograd.grad(full, [head.weight, head.bias])):
         assert torch.allclose(g, w, **TIGHT)
+
+
+def test_without_bias_and_with_frozen_weight():
+    """A head without bias, and a frozen weight (only the bias trained), as F.cross_entropy."""
+    hidden, head, targets = problem()
+    want = torch.autograd.grad(F.cross_entropy(F.linear(hidden, head.weight), targets), [hidden, head.weight])
+    got = torch.autograd.grad(ChunkedLinearCrossEntropy.apply(hidden, head.weight, None, targets, 4),
+                              [hidden, head.weight])
+    assert all(torch.allclose(g, w, **TIGHT) for g, w in zip(got, want))
+    weight = head.weight.detach()
+    [want_b] = torch.autograd.grad(F.cross_entropy(F.linear(hidden, weight, head.bias), targets), [head.bias])
+    [got_b] = torch.autograd.grad(ChunkedLinearCrossEntropy.apply(hidden, weight, head.bias, targets, 4),
+                                  [head.bias])
+    assert torch.allclose(got_b, want_b, **TIGHT)
+
+
+def test_chunk_block_sizes():
+    """Plain when the logits fit the budget (today's rule); CPU blocks of CE_BLOCK_ELEMENTS, a
+    multiple of 128 items; an explicit budget sets the block."""
+    cpu = torch.device("cpu")
+    assert chunk_block(3168, 1682, cpu) is None                       # ml-100k: plain
+    assert chunk_block(3168, 645974, cpu) == 1280                     # TTL: 2^22 // 3168 = 1323 -> 1280
+    assert chunk_block(10, 7, cpu, chunk_elements=70) is None         # 70 // 7 = 10 rows fit
+    assert chunk_block(10, 7, cpu, chunk_elements=69) == 6            # 9 rows do not: blocks of 69 // 10 items
+    assert chunk_block(1, 10, cpu, chunk_elements=3) is None          # one row always fits (as before)
 
 
 def test_small_item_count_takes_the_plain_path_bit_for_bit():
