@@ -3,7 +3,10 @@
 Times, with the project's own code (`NextItNet`, `Task1Step`, `RetentionStep`, `evaluate`):
 
 * task 1: one training step of `Task1Step` (next-item loss on every position through
-  `next_item_loss`, chunked when the logits would be large) at batch `--batch1`;
+  `next_item_loss`, chunked over the items when the logits would be large) at batch `--batch1`;
+  then, on the gradients that step left, one `step()` of Adam as the timed step ran it and of
+  Adam(foreach=False) and Adam(foreach=True) (and fused on CUDA) over the task-1 parameters
+  (about 330M at TTL's 646k items), each with its share of the step (`--no-adam`: skip);
 * task n (n in `--tasks`): one training step of `RetentionStep` (one pass, no micro-batching)
   at batch `--batchn`, with the
   sampling ratio of every past task pinned to each value of `--rhos` (the step updates rho
@@ -12,8 +15,8 @@ Times, with the project's own code (`NextItNet`, `Task1Step`, `RetentionStep`, `
   items) and for the largest task n of `--tasks` (relation-aware masks, 1000-class head).
 
 One timed training step is what the training loop does per batch, `trainer.train_step`: the
-step's forward and backward under `trainer.autocast`, `optimizer.step` (Adam), and the clamp of
-the task embeddings. Every case is timed `--repeats` times after `--warmup` untimed runs; the table
+step's forward and backward under `trainer.autocast`, `optimizer.step` (Adam as
+`trainer.make_optimizer` builds it), and the clamp of the task embeddings. Every case is timed `--repeats` times after `--warmup` untimed runs; the table
 shows the median (and the min-max spread, to judge noise: other processes may share the CPU,
 and with 2 OpenMP threads on 2 busy cores a step can take several times longer; `--threads`
 sets torch's thread count). Data are random item ids; the mask scale is fixed (s = 25 in
@@ -32,8 +35,9 @@ softmax, Adam and the mask/relation computations are not counted):
   rows plus the replayed subsets of the n-1 past tasks), the new head on B rows and each past
   head on its subset; the teacher pass has sum_i floor(rho_i*B) rows, forward only;
 * evaluation counts the forward only (B*(L-1) positions for task 1, B*L for task n).
-  The recomputation that `next_item_loss` does in backward (activation checkpointing of the
-  chunked head) is real work but not counted: it is overhead, not useful FLOPs.
+  The recomputation that the chunked `next_item_loss` does in backward (every block's logits
+  once more, a 4th head GEMM) is real work but not counted: it is overhead, not useful FLOPs,
+  so the chunked task-1 step can reach at most 3/4 of the matmul rate.
 
 The achieved FLOP/s (of the median time) is also given as a fraction of the dense matmul
 FLOP/s this process measures on the same device for the same dtype: a large square
@@ -47,7 +51,8 @@ Peak memory: on CUDA `torch.cuda.max_memory_allocated` (reset before every case)
 the resident-set high-water mark of the whole process (`resource.getrusage().ru_maxrss`),
 reset before every case through /proc/self/clear_refs where Linux allows it (kind
 `rss_case`), otherwise the process-wide high-water mark since start (kind `rss_process`),
-which never goes down, so a case can show the peak of an earlier, bigger one.
+which never goes down, so a case can show the peak of an earlier, bigger one. Task 1's peak is
+read right after its timed steps, before the Adam comparison.
 
 Shapes: `--paper` uses the paper's (C 256, dilations [1,4,1,4,1,4,1,4], kernel 3, lengths 50
 and 100, batch 32 for task 1 and 1024 for task n, 1.7k and 646k items, tasks 2..10, rho 0.05
@@ -81,8 +86,9 @@ import torch.nn.functional as F
 
 import data_loader as dl
 from nextitnet import CHANNELS, DILATIONS, KERNEL, NextItNet
-from teracon import CE_CHUNK_ELEMENTS, RetentionStep, Task1Step, subset_sizes
-from trainer import autocast, evaluate, train_step
+from chunked_ce import chunk_block
+from teracon import RetentionStep, Task1Step, subset_sizes
+from trainer import autocast, evaluate, make_optimizer, train_step
 from utils import atomic_write_text, resolve_device
 
 log = logging.getLogger("bench")
@@ -205,12 +211,16 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
-        else:
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.bytes = int(rss if sys.platform == "darwin" else rss * 1024)  # KiB on Linux
+        self.bytes = peak_bytes(self.device)
         return False
+
+
+def peak_bytes(device: torch.device) -> int:
+    """The peak `PeakMemory` reports, read now: CUDA max allocated or the process's RSS high-water mark."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # KiB on Linux
 
 
 def matmul_reference(dtype: torch.dtype, device: torch.device, max_size: int, channels: int,
@@ -270,23 +280,54 @@ def training_step(model: NextItNet, step, optimizer: torch.optim.Optimizer, src:
     return lambda: train_step(model, step, optimizer, src, tgt, S_TRAIN, device, amp)
 
 
+def adam_variants(device: torch.device) -> dict[str, dict]:
+    """The Adam settings compared: the per-tensor loop, foreach, and (CUDA) the fused kernel."""
+    variants = {"foreach=False": {"foreach": False}, "foreach=True": {"foreach": True}}
+    if device.type == "cuda":
+        variants["fused=True"] = {"fused": True}
+    return variants
+
+
+def time_adam(model: NextItNet, in_step: dict, step_s: float, device: torch.device, warmup: int,
+              repeats: int) -> dict:
+    """Median time of one `step()` of each `adam_variants` on the parameters' current gradients,
+    with its share of a step that used it, t / (step_s - t_in_step + t), next to `in_step` (the
+    timed step's own optimiser, {"settings", "median_s"}). The steps move the parameters."""
+    out = {"in_step": {**in_step, "share_of_step": in_step["median_s"] / step_s}}
+    for name, kwargs in adam_variants(device).items():
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.0, **kwargs)
+        t = statistics.median(time_calls(opt.step, device, max(1, warmup), repeats))
+        del opt  # its moments (2 x the parameters) go before the next one's
+        gc.collect()
+        out[name] = {"median_s": t, "share_of_step": t / (step_s - in_step["median_s"] + t)}
+    return out
+
+
 def case_task1(a, device: torch.device, items: int, length: int) -> dict:
     torch.manual_seed(0)
     model = NextItNet(items, [items], channels=a.channels).to(device)
     step = Task1Step(model, mask_reg=0.75)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.0)
+    optimizer = make_optimizer(list(model.parameters()), 1e-3, device)
     src = torch.randint(1, items, (a.batch1, length), device=device)
     tgt = torch.full((a.batch1,), -1, device=device)
+    positions = a.batch1 * (length - 1)
+    block = chunk_block(positions, items, device)  # next_item_loss's choice, before the model's memory is used
     run = training_step(model, step, optimizer, src, tgt, device, a.amp)
     times = time_calls(run, device, a.warmup, a.repeats)
-    positions = a.batch1 * (length - 1)
-    chunk_rows = max(1, CE_CHUNK_ELEMENTS // items)  # next_item_loss's default chunk
-    return {"batch": a.batch1, "times": times,
-            "flops": task1_flops(a.batch1, length, items, a.channels, KERNEL, len(DILATIONS)),
-            "positions": positions, "ce_chunked": chunk_rows < positions,
-            "ce_chunk_rows": min(chunk_rows, positions),
-            # what unchunked logits and their gradient would hold, fp32
-            "full_logits_bytes": positions * items * 4 * 2}
+    row = {"batch": a.batch1, "times": times,
+           "flops": task1_flops(a.batch1, length, items, a.channels, KERNEL, len(DILATIONS)),
+           "positions": positions, "ce_chunked": block is not None, "ce_block_items": block,
+           # what unchunked logits and their gradient would hold, fp32
+           "full_logits_bytes": positions * items * 4 * 2,
+           "peak_mem_step_bytes": peak_bytes(device),
+           "params": sum(p.numel() for p in model.parameters())}
+    if a.adam:  # on the gradients the last timed step left
+        in_step = {"settings": {k: optimizer.defaults.get(k) for k in ("foreach", "fused")},
+                   "median_s": statistics.median(time_calls(optimizer.step, device, 0, a.repeats))}
+        del run, optimizer
+        gc.collect()
+        row["adam"] = time_adam(model, in_step, statistics.median(times), device, a.warmup, a.repeats)
+    return row
 
 
 def case_taskn(a, device: torch.device, items: int, length: int, task: int, rho: float) -> dict:
@@ -296,7 +337,7 @@ def case_taskn(a, device: torch.device, items: int, length: int, task: int, rho:
     model.add_task(OTHER_HEAD)
     teacher.eval().requires_grad_(False)
     step = PinnedRho(RetentionStep(model, teacher, alpha=0.7, rng=np.random.default_rng(0)), np.full(task - 1, rho))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=0.0)
+    optimizer = make_optimizer(list(model.parameters()), 1e-4, device)
     src = torch.randint(1, items, (a.batchn, length), device=device)
     tgt = torch.randint(0, OTHER_HEAD, (a.batchn,), device=device)
     run = training_step(model, step, optimizer, src, tgt, device, a.amp)
@@ -374,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-size", type=int, help="largest square matmul for the reference FLOP/s "
                    "(default 8192 on CUDA, 2048 on CPU; shrunk on CPU so that one call stays under ~1 s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-adam", dest="adam", action="store_false",
+                   help="task 1: skip the Adam comparison (foreach=False / True) after the timed steps")
     p.add_argument("--json", help="write all results to this JSON file")
     return p
 
@@ -468,10 +511,11 @@ def main(argv: list[str] | None = None) -> dict:
             med = statistics.median(row["times"])
             row.update(median_s=med, min_s=min(row["times"]), seq_per_s=row["batch"] / med,
                        flops_per_s=row["flops"] / med, flops_per_s_best=row["flops"] / min(row["times"]),
-                       peak_mem_bytes=mem.bytes, peak_mem_kind=mem.kind, rss_start_bytes=mem.start)
+                       peak_mem_bytes=row.pop("peak_mem_step_bytes", mem.bytes), peak_mem_kind=mem.kind,
+                       rss_start_bytes=mem.start)
             log.info("  %.4f s median (%s), %.1f seq/s, %.1f GFLOP/s, peak mem %s", med,
                      " ".join(f"{t:.3f}" for t in row["times"]), row["seq_per_s"], row["flops_per_s"] / 1e9,
-                     _fmt_bytes(mem.bytes))
+                     _fmt_bytes(row["peak_mem_bytes"]))
         except (RuntimeError, MemoryError) as exc:  # out of memory: record it, keep the other cases
             text = str(exc)
             if not (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
@@ -509,9 +553,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     for r in results:
         if r.get("kind") == "task1" and "error" not in r:
-            print(f"{r['case']}: logits {'chunked' if r['ce_chunked'] else 'not chunked'} "
-                  f"({r['ce_chunk_rows']} positions at a time); full logits + grad would need "
-                  f"{_fmt_bytes(r['full_logits_bytes'])}")
+            how = f"chunked over items, {r['ce_block_items']} items a block" if r["ce_chunked"] else "not chunked"
+            print(f"{r['case']}: logits {how} ({r['positions']} positions); full logits + grad would need "
+                  f"{_fmt_bytes(r['full_logits_bytes'])}; {100 * r['frac_of_matmul']:.1f}% of the {a.amp} "
+                  f"matmul rate")
+            for name, v in r.get("adam", {}).items():
+                label = "Adam as in the step (" + ", ".join(f"{k}={x}" for k, x in v["settings"].items()) + ")" \
+                    if name == "in_step" else f"Adam({name})"
+                print(f"  {label}: {v['median_s']:.3f} s, {100 * v['share_of_step']:.1f}% of the step "
+                      f"({r['params'] / 1e6:.0f}M parameters)")
     out = {"meta": meta, "results": results}
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
