@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -184,7 +186,9 @@ class TaskRun:
         self.args, self.device = args, device
         self.ckpt_out, self.summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
         self.resume_out = resume_path(args.savepath)
+        start = time.time()
         self.data, self.prev, self.items = load_data(args)
+        self.load_seconds = time.time() - start
         if args.chunk_rows < 0:
             args.chunk_rows = auto_chunk_rows(device, self.data.sources.shape[1],
                                               self.prev["config"]["channels"] if self.prev else 0)
@@ -215,7 +219,13 @@ class TaskRun:
                             args=self.run_args, extras=self.method.extras(), run_info=self.run_info)
         atomic_write_json(self.summary_out, {"task": entry, "method": self.args.method, "args": self.run_args,
                                              "checkpoint": str(self.ckpt_out), "versions": library_versions(),
-                                             **self.run_info, **summary})
+                                             **self.run_info, "resources": self.resources(), **summary})
+
+    def resources(self) -> dict:
+        """Seconds to load the task's data and checkpoint, and the process's peak memory so far."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        gib = peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+        return {"load_seconds": round(self.load_seconds, 3), "peak_rss_gib": round(gib, 3)}
 
     def snapshot(self, progress: Progress, optimizer: torch.optim.Optimizer) -> None:
         """The resumable state (`--resume`)."""

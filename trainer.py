@@ -225,13 +225,20 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
         if progress.count == 0:
             raise UserError(f"task {data.task} epoch {epoch}: every step had a non-finite loss (NaN or inf); "
                             "nothing was learned and no checkpoint is written (lower --lr or --alpha)")
+        train_seconds = time.time() - start
         check_finite_model(model, f"task {data.task} epoch {epoch}")
+        eval_start = time.time()
         valid = evaluate(model, data, "valid", config.smax, device, config.eval_batch, config.amp, head,
                          config.limit_eval_batches)
+        timing = {"train_seconds": round(train_seconds, 3), "steps": len(batches),
+                  "step_seconds": round(train_seconds / max(len(batches), 1), 4),
+                  "valid_seconds": round(time.time() - eval_start, 3),
+                  "valid_examples": min(len(data.splits["valid"]),
+                                        (config.limit_eval_batches * config.eval_batch) or len(data.splits["valid"]))}
         diagnostics = epoch_diagnostics(model, step, progress.s_used, config.smax)
         record = {"epoch": epoch, "phase": phase, "train_loss": progress.total / max(progress.count, 1),
                   "valid": valid, "seconds": round(time.time() - start, 2), "skipped_steps": progress.skipped,
-                  "diagnostics": diagnostics}
+                  "diagnostics": diagnostics, "timing": timing}
         summary["epochs"].append(record)
         chosen = valid.get(config.select_by, valid["hit@1"])  # classification tasks have hit@1 only
         improved = chosen > progress.best
