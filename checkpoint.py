@@ -200,7 +200,8 @@ RESUME_FORMAT = "teracon-resume/1"
 # flags that may differ between a run and its --resume: none of them changes what is computed,
 # except the device and --chunk_rows (the same loss and gradients up to float rounding: bit for
 # bit only with both unchanged; the run says so when they change)
-RESUME_FREE_FLAGS = {"resume", "save_every", "quiet", "device", "run_device", "chunk_rows", "accept_unfinished"}
+RESUME_FREE_FLAGS = {"resume", "save_every", "quiet", "device", "run_device", "chunk_rows", "accept_unfinished",
+                     "cache_dir"}
 
 
 def resume_path(savepath: str) -> Path:

@@ -151,6 +151,8 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
                             "--dataset ml-100k after `python prepare_data.py ml-100k`, or --datapath FILE)")
     if args.name is None:
         args.name = entry["name"] if entry else Path(args.datapath).stem
+    # the prepared cache of the manifest's task file (default: cache/ beside the file)
+    args.cache_dir = entry.get("cache_dir") if entry and Path(entry["file"]) == Path(args.datapath) else None
     args.datapath_index = args.datapath_index or str(folder / "index.json")
     args.savepath = args.savepath or str(prefix / f"task{task}")
     if not first:
@@ -165,11 +167,12 @@ def load_data(args: argparse.Namespace) -> tuple[dl.TaskData, dict | None, np.nd
     """The task's data, the task n-1 checkpoint (None for task 1) and the item index."""
     prev = None
     if args.task == 1:
-        data, items = dl.load_task1(args.datapath, args.seed, split_by=args.split_by)
+        data, items = dl.load_task1(args.datapath, args.seed, split_by=args.split_by, cache_dir=args.cache_dir)
     else:
         prev, items = load_previous(args.paths, args.datapath_index, args.task, args.method, args.accept_unfinished,
                                     rehearsal=is_rehearsal(args))
-        data = dl.load_task(args.task, args.datapath, items, args.seed, args.split_by, args.name)
+        data = dl.load_task(args.task, args.datapath, items, args.seed, args.split_by, args.name,
+                            cache_dir=args.cache_dir)
     n = {k: len(v) for k, v in data.splits.items()}
     if n["valid"] == 0 or n["test"] == 0:
         raise UserError(f"{data.path}: {sum(n.values())} examples are too few for a 80/5/15 split "

@@ -240,12 +240,31 @@ class TaskData:
     def kind(self) -> str:
         return metric_kind(self.num_classes)
 
+    _resident: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def resident(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sources, targets, line_of_example) where batches are gathered: on a CUDA device, copied
+        there once when they fit in a quarter of its free memory; on the host otherwise."""
+        host = (self.sources, self.targets, self.line_of_example)
+        if device.type != "cuda":
+            return host
+        key = str(device)
+        if key not in self._resident:
+            size = sum(t.numel() * t.element_size() for t in host)
+            free, _ = torch.cuda.mem_get_info(device)
+            self._resident[key] = tuple(torch.as_tensor(t).to(device) for t in host) if size <= free // 4 else None
+        return self._resident[key] or host
+
     def batch(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(source sequences [b, L] int64, targets [b]) of examples `idx` on `device` (the sources are
-        held as int32 where the ids fit and widened after the copy)."""
-        i = torch.from_numpy(idx)
-        return (self.sources[self.line_of_example[i]].to(device, non_blocking=True).long(),
-                self.targets[i].to(device, non_blocking=True))
+        held as int32 where the ids fit and widened after the copy). On CUDA the gather runs on the
+        device when the data are resident there, else from pinned host memory."""
+        sources, targets, line = self.resident(device)
+        i = torch.from_numpy(idx).to(sources.device)
+        src, tgt = sources[line[i]], targets[i]
+        if device.type == "cuda" and src.device.type == "cpu":
+            src, tgt = src.pin_memory(), tgt.pin_memory()
+        return src.to(device, non_blocking=True).long(), tgt.to(device, non_blocking=True)
 
 
 def load_task1(path: str | Path, seed: int, split_by: str = "example",
