@@ -6,8 +6,8 @@ targets)` (mean over the P positions, padding targets included, no ignore_index)
 them: `ChunkedLinearCrossEntropy` walks the head's rows (the items) in blocks of `block`
 columns, each block one GEMM over all P positions,
 
-    forward:   l = h W_j^T + b_j,      lse <- logaddexp(lse, logsumexp_row(l)),  z_t picked,
-               loss = mean_p(lse_p - z_{p, t_p});
+    forward:   l = h W_j^T + b_j,      m_j = max_row(l),  s_j = sum_row exp(l - m_j),
+               lse = log sum_j s_j exp(m_j),           loss = mean_p(lse_p - z_{p, t_p});
     backward:  l recomputed once,      G = (exp(l - lse) - onehot(t)) * grad / P,
                grad_h += G W_j,        grad_W_j = G^T h,        grad_b_j = sum_p G,
 
@@ -44,39 +44,30 @@ def _columns(x: torch.Tensor, *cols: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, *(c[:, None].to(x.dtype) for c in cols)], dim=1)
 
 
-def _block_logits2(h2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo: int, hi: int,
+def _block_logits2(h2: torch.Tensor, weight: torch.Tensor, b2: torch.Tensor | None, lo: int, hi: int,
                    gemm: torch.dtype, acc: torch.dtype, exact: bool) -> torch.Tensor:
-    """Base-2 logits of items lo..hi-1, [P, hi - lo] = (h W[lo:hi]^T + b[lo:hi]) * log2 e, in `acc`;
-    `h2` is h * log2 e when `exact` (GEMM in `acc`), else h in the GEMM dtype (scaled after)."""
-    b = None if bias is None else (bias[lo:hi] * LOG2E if exact else bias[lo:hi]).to(gemm)
-    out = F.linear(h2, weight[lo:hi].to(gemm), b).to(acc)
-    return out if exact else out.mul_(LOG2E)
+    """Base-2 logits of items lo..hi-1, [P, hi - lo] = (h W[lo:hi]^T + b[lo:hi]) * log2 e, in `acc`.
+    `exact`: h2, b2 are h, b * log2 e in `acc` (= the GEMM dtype); else h, b in the GEMM dtype,
+    the scale applied in `acc`."""
+    out = F.linear(h2, weight[lo:hi].to(gemm), None if b2 is None else b2[lo:hi])
+    return out if exact else out.to(acc).mul_(LOG2E)
 
 
-def _block_softmax(h2_shift: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   lse2: torch.Tensor, lo: int, hi: int, gemm: torch.dtype, acc: torch.dtype,
-                   exact: bool) -> torch.Tensor:
-    """exp(l - lse) of items lo..hi-1, [P, hi - lo], in `acc`. When `exact`, one GEMM gives the
-    shifted base-2 logits, [h | 1 | -lse2 / log2 e] [W | b | 1]^T * log2 e (`h2_shift`), and one
-    exp2 pass the softmax; otherwise the shift is a pass in `acc`."""
-    if not exact:
-        return _block_logits2(h, weight, bias, lo, hi, gemm, acc, exact).sub_(lse2[:, None]).exp2_()
-    ones = torch.ones(hi - lo, dtype=weight.dtype, device=weight.device)
-    b = torch.zeros_like(ones) if bias is None else bias[lo:hi]
-    return (h2_shift @ _columns(weight[lo:hi], b, ones).t()).exp2_()
+def _target_logits2(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    targets: torch.Tensor, gemm: torch.dtype, acc: torch.dtype) -> torch.Tensor:
+    """z_t * log2 e [P], each row's target logit from its own dot product, in `acc` (inputs cast
+    through the GEMM dtype and the result rounded to it, as the block GEMM does)."""
+    z = (hidden.to(gemm).to(acc) * weight[targets].to(gemm).to(acc)).sum(dim=1)
+    if bias is not None:
+        z = z + bias[targets].to(gemm).to(acc)
+    return z.to(gemm).to(acc) * LOG2E
 
 
-def _target_in_block(targets: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(column of each row's target inside the block, clamped into it; whether it lies there)."""
-    inside = (targets >= lo) & (targets < hi)
-    return (targets - lo).clamp(0, hi - lo - 1), inside
-
-
-def _logsumexp2_(logits2: torch.Tensor) -> torch.Tensor:
-    """Row-wise log2-sum-exp2 m + log2 sum 2^(l - m), m the row max; overwrites `logits2` (in-place
-    shift and exp2: fewer passes than torch.logsumexp's, which dominated the CPU forward)."""
-    top = logits2.amax(dim=1)
-    return top + logits2.sub_(top[:, None]).exp2_().sum(dim=1).log2_()
+def _combine_lse2(tops: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """log2 sum_j 2^(l_j) of every row from each block k's row max m_k and sum_j 2^(l_j - m_k), [K, P]:
+    M + log2 sum_k s_k 2^(m_k - M), M = max_k m_k."""
+    top = tops.amax(dim=0)
+    return top + (sums * torch.exp2(tops - top)).sum(dim=0).log2()
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -96,11 +87,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight^T + bias` against `targets`, over item blocks of
     `block` columns with an online log-sum-exp (the module docstring gives the recurrences).
 
-    Logits are kept in base 2 (l * log2 e, exp2 instead of exp). When the GEMM runs in the
-    accumulation dtype (fp32, fp64), the scale, the bias and, in backward, the shift by the
-    row's log-sum-exp enter the GEMM as extra columns ([h | 1 | -lse] [W | b | 1]^T), so a
-    block's softmax is one GEMM and one exp2; under bf16 autocast (a bf16 -lse would lose the
-    softmax) only the bias does, and the scale and shift are applied in fp32."""
+    Few passes and few operations per block (each one costs a pass over [P, block] or, on a
+    shared CPU, a wait for its threads): logits in base 2 (l * log2 e, exp2 instead of exp); a
+    block's row max and sum of 2^(l - max) kept per block and combined once at the end; the
+    target logits and the onehot(t) terms of the gradients (-W_t, -h per target, -1 per
+    target) computed once, outside the blocks. When the GEMM runs in the accumulation dtype
+    (fp32, fp64), the backward's GEMM gives the shifted logits directly, [h | 1 | -lse2/log2 e]
+    [W | b | 1]^T * log2 e, so a block's softmax is one GEMM and one exp2; under bf16 autocast
+    (a bf16 lse would spoil the softmax) the scale and shift are applied in fp32."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -111,15 +105,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         rows, items = hidden.shape[0], weight.shape[0]
         with torch.autocast(device.type, enabled=False):
             h2 = hidden.to(acc) * LOG2E if exact else hidden.to(gemm)
-            lse2 = torch.full((rows,), float("-inf"), dtype=acc, device=device)
-            picked2 = torch.zeros(rows, dtype=acc, device=device)
-            for lo in range(0, items, block):
-                hi = min(lo + block, items)
-                logits2 = _block_logits2(h2, weight, bias, lo, hi, gemm, acc, exact)
-                col, inside = _target_in_block(targets, lo, hi)
-                picked2 += torch.where(inside, logits2.gather(1, col[:, None]).squeeze(1), 0.0)
-                lse2 = torch.logaddexp2(lse2, _logsumexp2_(logits2))
-            loss = (lse2 - picked2).mean() * LN2
+            b2 = None if bias is None else (bias.to(acc) * LOG2E if exact else bias).to(gemm)
+            blocks = -(-items // block)
+            tops = torch.empty(blocks, rows, dtype=acc, device=device)
+            sums = torch.empty(blocks, rows, dtype=acc, device=device)
+            for k, lo in enumerate(range(0, items, block)):
+                logits2 = _block_logits2(h2, weight, b2, lo, min(lo + block, items), gemm, acc, exact)
+                torch.amax(logits2, dim=1, out=tops[k])
+                torch.sum(logits2.sub_(tops[k][:, None]).exp2_(), dim=1, out=sums[k])
+            lse2 = _combine_lse2(tops, sums)
+            loss = (lse2 - _target_logits2(hidden, weight, bias, targets, gemm, acc)).mean() * LN2
         ctx.save_for_backward(hidden, weight, bias, targets, lse2)
         ctx.block, ctx.gemm = block, gemm
         return loss
@@ -132,32 +127,45 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         device, acc = hidden.device, lse2.dtype
         exact = gemm == acc
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        rows, items = hidden.shape[0], weight.shape[0]
+        rows, items, channels = hidden.shape[0], weight.shape[0], hidden.shape[1]
         scale = grad.to(acc) / rows
         with torch.autocast(device.type, enabled=False):
             h32 = hidden.to(acc)
-            h = h32.to(gemm)
-            h2_shift = _columns(h32, torch.ones_like(lse2), -lse2 / LOG2E).mul_(LOG2E) if exact else None
-            h_scaled = (h32 * scale).to(gemm)  # grad_W_j = (softmax - onehot)^T h * grad / P
+            if exact:  # the GEMM of [h | 1 | -lse2/log2 e] * log2 e with w_buf = [W_j | b_j | 1]
+                h2 = _columns(h32, torch.ones_like(lse2), -lse2 / LOG2E).mul_(LOG2E)
+                w_buf = torch.zeros(min(block, items), channels + 2, dtype=acc, device=device)
+                w_buf[:, channels + 1] = 1.0
+            else:
+                h2, b2 = hidden.to(gemm), None if bias is None else bias.to(gemm)
+            h_scaled = (h32 * scale).to(gemm)  # grad_W_j = softmax_j^T h * grad / P
             grad_h = torch.zeros(hidden.shape, dtype=acc, device=device) if need_h else None
             grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=device) if need_w else None
-            grad_b = torch.empty(items, dtype=acc, device=device) if need_b and bias is not None else None
+            sum_b = torch.empty(items, dtype=acc, device=device) if need_b and bias is not None else None
             for lo in range(0, items, block):
                 hi = min(lo + block, items)
-                g = _block_softmax(h2_shift, h, weight, bias, lse2, lo, hi, gemm, acc, exact)
-                col, inside = _target_in_block(targets, lo, hi)
-                g.scatter_add_(1, col[:, None], -inside.to(acc)[:, None])    # - onehot(t)
-                if grad_b is not None:
-                    grad_b[lo:hi] = g.sum(0)
+                if exact:
+                    w_buf[:hi - lo, :channels].copy_(weight[lo:hi])
+                    if bias is not None:
+                        w_buf[:hi - lo, channels].copy_(bias[lo:hi])
+                    g = (h2 @ w_buf[:hi - lo].t()).exp2_()                   # softmax of the block
+                else:
+                    g = _block_logits2(h2, weight, b2, lo, hi, gemm, acc, exact).sub_(lse2[:, None]).exp2_()
+                if sum_b is not None:
+                    torch.sum(g, dim=0, out=sum_b[lo:hi])
                 g = g.to(gemm)
                 if grad_h is not None:
                     _mm_into(grad_h, g, weight[lo:hi].to(gemm), accumulate=True)
                 if grad_w is not None:
                     _mm_into(grad_w[lo:hi], g.t(), h_scaled, accumulate=False)
+            # the - onehot(t) part of (softmax - onehot), once for all blocks
             if grad_h is not None:
-                grad_h = (grad_h * scale).to(hidden.dtype)
-            if grad_b is not None:
-                grad_b = (grad_b * scale).to(bias.dtype)
+                grad_h = ((grad_h - weight[targets].to(acc)) * scale).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.index_add_(0, targets, (h32 * -scale).to(grad_w.dtype))
+            grad_b = None
+            if sum_b is not None:
+                sum_b.index_add_(0, targets, torch.full((rows,), -1.0, dtype=acc, device=device))
+                grad_b = (sum_b * scale).to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None
 
 
@@ -189,7 +197,8 @@ def next_item_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
     Plain `F.cross_entropy(head(hidden), targets)` when the P x N logits fit in the element budget
     (`chunk_elements`, default CE_CHUNK_ELEMENTS; on CUDA, without an explicit budget, when they
     and their gradient fit in free device memory); otherwise `ChunkedLinearCrossEntropy` over
-    blocks of budget // P items, with the same loss and gradients up to rounding."""
+    blocks of `chunk_block` items (CE_BLOCK_ELEMENTS // P on a CPU, budget // P otherwise), with
+    the same loss and gradients up to rounding."""
     items = head.out_features
     block = chunk_block(hidden.shape[0], items, hidden.device, chunk_elements)
     if block is None:
