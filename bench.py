@@ -44,7 +44,10 @@ FLOP/s this process measures on the same device for the same dtype: a large squa
 `torch.matmul` (2048^3 on CPU, shrunk while one call takes over ~1 s, e.g. for bf16 on a CPU
 without native bf16; 8192^3 on CUDA), in fp32 or bf16 as `--amp`, the best of 5 calls,
 measured before and after the cases and the better of the two kept (other processes may
-share the machine). The JSON also holds the rate of a GEMM of the convolution's shape
+share the machine). On a CPU the same is also given per CPU-second (`time.process_time`, all
+threads of this process: the step's FLOPs per CPU-second over the matmul's), column
+`%mm/cpu-s`: while other processes take cores away it changes far less than the wall-clock
+ratio, most of all with `--threads 1` (waiting OpenMP threads spin and count). The JSON also holds the rate of a GEMM of the convolution's shape
 ([M, kC] x [kC, C] through F.linear under autocast; the model itself runs F.conv1d) for comparison.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` (reset before every case); on CPU
@@ -156,16 +159,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+def time_calls(fn, device: torch.device, warmup: int, repeats: int,
+               cpu_times: list[float] | None = None) -> list[float]:
+    """Wall seconds of each of `repeats` calls after `warmup`; the process's CPU seconds of each
+    (all threads) are appended to `cpu_times` when given."""
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - start_cpu)
     return times
 
 
@@ -236,10 +244,13 @@ def matmul_reference(dtype: torch.dtype, device: torch.device, max_size: int, ch
     def best_rate(fn, flops: float, repeats: int) -> float:
         return flops / min(time_calls(fn, device, 1, repeats))
 
+    cpu: list[float] = []
+
     def square(n: int, repeats: int) -> float:
         a = torch.randn(n, n, generator=gen).to(device, dtype)
         b = torch.randn(n, n, generator=gen).to(device, dtype)
-        return best_rate(lambda: torch.matmul(a, b), 2.0 * n ** 3, repeats)
+        cpu.clear()
+        return 2.0 * n ** 3 / min(time_calls(lambda: torch.matmul(a, b), device, 1, repeats, cpu))
 
     n = min(256, max_size)
     rate = square(n, 1)
@@ -247,6 +258,8 @@ def matmul_reference(dtype: torch.dtype, device: torch.device, max_size: int, ch
         n *= 2
         rate = square(n, 1)
     out = {"dtype": amp, "size": n, "flops_per_s": square(n, 5)}
+    if device.type == "cpu":  # FLOPs per CPU-second (all threads): what sharing the CPU changes least
+        out["flops_per_cpu_s"] = 2.0 * n ** 3 / min(cpu)
 
     m, kc = 8192, KERNEL * channels
     x = torch.randn(m, kc, generator=gen).to(device)
@@ -313,8 +326,9 @@ def case_task1(a, device: torch.device, items: int, length: int) -> dict:
     positions = a.batch1 * (length - 1)
     block = chunk_block(positions, items, device)  # next_item_loss's choice, before the model's memory is used
     run = training_step(model, step, optimizer, src, tgt, device, a.amp)
-    times = time_calls(run, device, a.warmup, a.repeats)
-    row = {"batch": a.batch1, "times": times,
+    cpu_times: list[float] = []
+    times = time_calls(run, device, a.warmup, a.repeats, cpu_times)
+    row = {"batch": a.batch1, "times": times, "cpu_times": cpu_times,
            "flops": task1_flops(a.batch1, length, items, a.channels, KERNEL, len(DILATIONS)),
            "positions": positions, "ce_chunked": block is not None, "ce_block_items": block,
            # what unchunked logits and their gradient would hold, fp32
@@ -341,9 +355,10 @@ def case_taskn(a, device: torch.device, items: int, length: int, task: int, rho:
     src = torch.randint(1, items, (a.batchn, length), device=device)
     tgt = torch.randint(0, OTHER_HEAD, (a.batchn,), device=device)
     run = training_step(model, step, optimizer, src, tgt, device, a.amp)
-    times = time_calls(run, device, a.warmup, a.repeats)
+    cpu_times: list[float] = []
+    times = time_calls(run, device, a.warmup, a.repeats, cpu_times)
     counts = taskn_flops(a.batchn, length, items, task, rho, a.channels, KERNEL, len(DILATIONS))
-    return {"batch": a.batchn, "times": times, **counts,
+    return {"batch": a.batchn, "times": times, "cpu_times": cpu_times, **counts,
             # one copy of the replayed task-1 logits (student, teacher and the gradient each hold one)
             "task1_replay_logits_bytes": counts["subset_rows"] * items * 4}
 
@@ -359,9 +374,10 @@ def case_eval(a, device: torch.device, items: int, length: int, task: int) -> di
     data = dl.TaskData(task=task, name=f"bench{task}", path="<random>", sources=sources, targets=targets,
                        line_of_example=torch.arange(rows), num_classes=classes,
                        labels=np.arange(classes), splits={"test": np.arange(rows)})
+    cpu_times: list[float] = []
     times = time_calls(lambda: evaluate(model, data, "test", SMAX, device, a.batch_eval, a.amp),
-                       device, a.warmup, a.repeats)
-    return {"batch": rows, "times": times,
+                       device, a.warmup, a.repeats, cpu_times)
+    return {"batch": rows, "times": times, "cpu_times": cpu_times,
             "flops": eval_flops(rows, length, classes, task == 1, a.channels, KERNEL, len(DILATIONS))}
 
 
@@ -452,8 +468,12 @@ def _fmt_bytes(n: int | None) -> str:
         n /= 1024
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def format_table(results: list[dict]) -> str:
-    head = (f"{'case':<34} {'seq/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'%matmul':>8} "
+    head = (f"{'case':<34} {'seq/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'%matmul':>8} {'%mm/cpu-s':>9} "
             f"{'median s':>9} {'min-max s':>15} {'peak mem':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
@@ -462,6 +482,7 @@ def format_table(results: list[dict]) -> str:
             continue
         lines.append(f"{r['case']:<34} {r['seq_per_s']:>9.1f} {r['flops'] / 1e9:>9.1f} "
                      f"{r['flops_per_s'] / 1e9:>9.1f} {100 * r['frac_of_matmul']:>7.1f}% "
+                     f"{_pct(r.get('frac_of_matmul_cpu')):>9} "
                      f"{r['median_s']:>9.4f} {min(r['times']):>7.3f}-{max(r['times']):<7.3f} "
                      f"{_fmt_bytes(r['peak_mem_bytes']):>10}")
     return "\n".join(lines)
@@ -536,9 +557,13 @@ def main(argv: list[str] | None = None) -> dict:
     meta["matmul"] = reference
     meta["matmul_runs"] = {"before": reference_before, "after": reference_after}
     peak = reference[a.amp]["flops_per_s"]
+    peak_cpu = max(reference_before[a.amp].get("flops_per_cpu_s", 0.0), reference_after[a.amp].get("flops_per_cpu_s", 0.0))
     for r in results:
         if "error" not in r:
             r["frac_of_matmul"] = r["flops_per_s"] / peak
+            if peak_cpu and device.type == "cpu":
+                r["flops_per_cpu_s"] = r["flops"] / statistics.median(r["cpu_times"])
+                r["frac_of_matmul_cpu"] = r["flops_per_cpu_s"] / peak_cpu
     table = format_table(results)
     if device.type == "cuda":
         mem_note = "CUDA max allocated, reset per case"
@@ -556,7 +581,7 @@ def main(argv: list[str] | None = None) -> dict:
             how = f"chunked over items, {r['ce_block_items']} items a block" if r["ce_chunked"] else "not chunked"
             print(f"{r['case']}: logits {how} ({r['positions']} positions); full logits + grad would need "
                   f"{_fmt_bytes(r['full_logits_bytes'])}; {100 * r['frac_of_matmul']:.1f}% of the {a.amp} "
-                  f"matmul rate")
+                  f"matmul rate ({_pct(r.get('frac_of_matmul_cpu'))} per CPU-second)")
             for name, v in r.get("adam", {}).items():
                 label = "Adam as in the step (" + ", ".join(f"{k}={x}" for k, x in v["settings"].items()) + ")" \
                     if name == "in_step" else f"Adam({name})"
