@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -65,22 +64,6 @@ def task_n(task: int, datapath: Path, index: Path, prev: Path, out: Path, *extra
     if entry is None:
         return cli.main(["--task", str(task), *argv], task=None)
     return cli.main(argv, task=entry)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def keep_torch_switches():
-    """cli.main sets process-wide precision switches; hand the rest of the suite back its own."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
-    torch.use_deterministic_algorithms(saved[2])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[3], saved[4]
-    if saved[5] is None:
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    else:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[5]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import types
@@ -107,22 +106,6 @@ def by_hand(ranks: list[int]) -> dict[str, float]:
     n = len(ranks)
     return {"hit@1": sum(r == 0 for r in ranks) / n, "mrr@5": sum(1 / (r + 1) for r in ranks if r < 5) / n,
             "hr@5": sum(r < 5 for r in ranks) / n, "hr@20": sum(r < 20 for r in ranks) / n}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_switches():
-    """set_precision sets process-wide switches; give the rest of the suite back what it had."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    yield
-    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved[:2]
-    torch.use_deterministic_algorithms(saved[2])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[3:5]
-    if saved[5] is None:
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    else:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[5]
 
 
 def task1(folder: Path, t1: Path, *extra: str) -> dict:
