@@ -22,7 +22,7 @@ from checkpoint import (load_checkpoint, load_previous, load_resume_state, resum
 from methods import METHODS
 from nextitnet import CHANNELS, DILATIONS, NextItNet
 from teracon import ALPHA, auto_chunk_rows
-from trainer import Progress, TrainConfig, format_metrics, train
+from trainer import Progress, TrainConfig, check_batching, format_metrics, train
 from utils import (AMP_MODES, UserError, atomic_write_json, check_outputs, code_version, finite_float,
                    library_versions, resolve_device, seed_int, set_precision, set_seed, sha256_file)
 
@@ -64,6 +64,13 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
                    "early stopping and model selection: hit@1 as the paper, or mrr@5 (ranking tasks only; "
                    "steadier on small validation splits; classification tasks always use hit@1 = accuracy) "
                    "(default %(default)s)")
+    p.add_argument("--drop_last", action="store_true", help="the authors' training batcher: drop each epoch's "
+                   "last batch (partial, or full when --batch divides the split), as their `while end < len` does; "
+                   "off by default: we train on every example (SPEC 2)")
+    p.add_argument("--select_on", choices=("split", "random_batches"), default="split", help="validation "
+                   "examples that select the model: the whole split, each once (SPEC 2), or the authors' subset: "
+                   "a fresh random permutation each epoch cut into full --batch batches that end inside the split "
+                   "(test metrics always cover the whole test split) (default %(default)s)")
     p.add_argument("--patience", type=int, default=5, help="epochs without a better validation metric "
                    "before stopping (default %(default)s)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the split, the initialisation and the batches (default %(default)s)")
@@ -201,6 +208,7 @@ class TaskRun:
         self.method.prepare(self.model)
         self.step = self.method.step(self.model, teacher)
         self.config = TrainConfig.from_args(args)
+        check_batching(self.data, self.config)  # before anything is written
         self.run_args = dict(vars(args))
         # what produced the run: recorded in PREFIX.json and the checkpoint
         self.run_info = {"precision": precision, "code": code_version(), "rehearsal": is_rehearsal(args)}

@@ -406,11 +406,15 @@ def read_cache(path: str | Path, cache_dir: str | Path | None = None,
     return arrays
 
 
-def batches(idx: np.ndarray, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
-    """Consecutive batches of `idx` (reshuffled by `rng` if given); the partial last batch is kept."""
+def batches(idx: np.ndarray, batch_size: int, rng: np.random.Generator | None = None,
+            drop_last: bool = False) -> Iterator[np.ndarray]:
+    """Consecutive batches of `idx` (reshuffled by `rng` if given); the partial last batch is kept.
+    `drop_last`: the authors' batcher (`while end < len`): only batches that end strictly inside
+    `idx`, so the last batch goes, partial or, when `batch_size` divides `len(idx)`, full."""
     if rng is not None:
         idx = rng.permutation(idx)
-    for start in range(0, len(idx), batch_size):
+    stop = len(idx) - batch_size if drop_last else len(idx)
+    for start in range(0, stop, batch_size):
         yield idx[start:start + batch_size]
 
 

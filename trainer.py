@@ -41,6 +41,8 @@ class TrainConfig:
     save_every: int = 0  # steps between resumable snapshots inside an epoch (0: at epoch ends only)
     limit_batches: int = 0       # a rehearsal: at most this many training batches an epoch (0: all)
     limit_eval_batches: int = 0  # a rehearsal: at most this many evaluation batches a split (0: all)
+    drop_last: bool = False      # the authors' training batcher: the last batch of an epoch is dropped
+    select_on: str = "split"     # "split": every validation example; "random_batches": the authors' subset
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -69,16 +71,16 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.de
 @torch.no_grad()
 def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, device: torch.device,
              batch_size: int = 1024, amp: str = "fp32", head: int | None = None,
-             limit_batches: int = 0) -> dict[str, float]:
+             limit_batches: int = 0, rows: np.ndarray | None = None) -> dict[str, float]:
     """Every example of the split once, in order, at s = smax (SPEC 2, 6), through the model's
     head `head` (default: the task's own, task n -> head n-1), the head in fp32 under any
-    autocast. Task 1 predicts each sequence's last item. `limit_batches` > 0 (a rehearsal)
-    scores only the split's first batches."""
+    autocast. Task 1 predicts each sequence's last item. `rows`: only these examples of the
+    split (`validation_rows`); `limit_batches` > 0 (a rehearsal): only the first batches."""
     was_training = model.training
     model.eval()
     head = data.task - 1 if head is None else head
     masks = model.masks(smax)
-    idx = data.splits[split]
+    idx = data.splits[split] if rows is None else rows
     if limit_batches:
         idx = idx[:limit_batches * batch_size]
     sums: dict[str, float] = {}
@@ -92,6 +94,29 @@ def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, devic
             sums[k] = sums.get(k, 0.0) + v
     model.train(was_training)
     return {k: v / max(len(idx), 1) for k, v in sums.items()}
+
+
+def validation_rows(data: dl.TaskData, config: TrainConfig, epoch: int) -> np.ndarray | None:
+    """The validation examples that select the model at `epoch`: all of them (None; SPEC 2), or
+    with `select_on` "random_batches" the authors' subset: a fresh random permutation each
+    epoch, cut into full training-size batches that end strictly inside the split."""
+    if config.select_on == "split":
+        return None
+    rng = np.random.default_rng([config.seed, 2, epoch])
+    return np.concatenate([*dl.batches(data.splits["valid"], config.batch, rng, drop_last=True),
+                           np.zeros(0, dtype=np.int64)])
+
+
+def check_batching(data: dl.TaskData, config: TrainConfig) -> None:
+    """The authors' batching needs more examples than one batch in the training (`drop_last`)
+    and validation (`select_on` random_batches) splits; the error says which."""
+    checks = [("train", "--drop_last", config.drop_last),
+              ("valid", "--select_on random_batches", config.select_on == "random_batches")]
+    for split, flag, on in checks:
+        n = len(data.splits[split])
+        if on and n <= config.batch:
+            raise UserError(f"{data.path}: {flag} keeps only batches that end inside the {split} split, and its "
+                            f"{n} examples are not more than one batch (--batch {config.batch})")
 
 
 # ------------------------------------------------------------------------ the loop
@@ -195,6 +220,7 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
         if snapshot and first > 1:  # a later phase (CONURE's retraining) resumes from its own start
             snapshot(progress, optimizer)
     summary, phase = progress.summary, progress.phase
+    check_batching(data, config)
     train_idx = data.splits["train"]
     batches_per_epoch = len(train_idx) / config.batch
     if config.limit_batches:  # a rehearsal anneals s over the batches it runs (eq. 19 with B = N)
@@ -203,7 +229,7 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
     while progress.epoch < progress.first_epoch + progress.epochs and progress.bad_epochs < config.patience:
         epoch, start = progress.epoch, time.time() - progress.seconds
         rng.bit_generator.state = progress.epoch_rng
-        batches = list(dl.batches(train_idx, config.batch, rng))
+        batches = list(dl.batches(train_idx, config.batch, rng, config.drop_last))
         if config.limit_batches:
             batches = batches[:config.limit_batches]
         model.train()
@@ -228,13 +254,14 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
         train_seconds = time.time() - start
         check_finite_model(model, f"task {data.task} epoch {epoch}")
         eval_start = time.time()
+        rows = validation_rows(data, config, epoch)
+        n_valid = len(data.splits["valid"] if rows is None else rows)
         valid = evaluate(model, data, "valid", config.smax, device, config.eval_batch, config.amp, head,
-                         config.limit_eval_batches)
+                         config.limit_eval_batches, rows)
         timing = {"train_seconds": round(train_seconds, 3), "steps": len(batches),
                   "step_seconds": round(train_seconds / max(len(batches), 1), 4),
                   "valid_seconds": round(time.time() - eval_start, 3),
-                  "valid_examples": min(len(data.splits["valid"]),
-                                        (config.limit_eval_batches * config.eval_batch) or len(data.splits["valid"]))}
+                  "valid_examples": min(n_valid, (config.limit_eval_batches * config.eval_batch) or n_valid)}
         diagnostics = epoch_diagnostics(model, step, progress.s_used, config.smax)
         record = {"epoch": epoch, "phase": phase, "train_loss": progress.total / max(progress.count, 1),
                   "valid": valid, "seconds": round(time.time() - start, 2), "skipped_steps": progress.skipped,

@@ -461,3 +461,63 @@ def test_forgetting_plot_shows_the_relative_forgetting_matrix(tmp_path, monkeypa
     plot_tasks.main(["--run", str(second), "--device", "cpu"])
     a, b = mpimg.imread(first / "forgetting.png"), mpimg.imread(second / "forgetting.png")
     assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+# ------------------------------------------- the authors' batching (--drop_last, --select_on)
+
+def authors_get_batch_sizes(n: int, batch: int) -> list[int]:
+    """The sizes the authors' `getBatch` yields, by its rule: a batch [start, end) while end < n."""
+    sizes, start, end = [], 0, batch
+    while end < n:
+        sizes.append(batch)
+        start, end = end, end + batch
+    return sizes
+
+
+@pytest.mark.parametrize("n, batch", [(10, 4), (8, 4), (4, 4), (3, 4), (1025, 1024), (2048, 1024)])
+def test_drop_last_yields_the_authors_batches(n, batch):
+    """--drop_last keeps exactly the batches of the authors' `while end < len` batcher: 10 rows
+    at batch 4 give 2 batches (the partial one dropped), 8 rows give 1 (the last full one
+    dropped too), 4 or fewer rows give none."""
+    import data_loader as dl
+    got = list(dl.batches(np.arange(n), batch, np.random.default_rng(0), drop_last=True))
+    assert [len(b) for b in got] == authors_get_batch_sizes(n, batch)
+    assert len(np.unique(np.concatenate(got + [np.zeros(0, int)]))) == sum(len(b) for b in got)
+    assert [len(b) for b in dl.batches(np.arange(n), batch)][-1] == n - batch * ((n - 1) // batch)
+
+
+def test_drop_last_run_trains_one_batch_fewer_per_epoch(data, base, tmp_path):
+    """Task 2 on 80 training examples at batch 16: 5 steps an epoch by default, 4 with
+    --drop_last (80 = 5 x 16: the authors' batcher drops the last full batch too)."""
+    kept = task_n(2, data["rank"], base["index"], base["pt"], tmp_path / "all", entry=2)
+    dropped = task_n(2, data["rank"], base["index"], base["pt"], tmp_path / "drop", "--drop_last", entry=2)
+    assert read_json(tmp_path / "all.json")["task"]["split_sizes"]["train"] == 80
+    assert [e["timing"]["steps"] for e in kept["epochs"]] == [5]
+    assert [e["timing"]["steps"] for e in dropped["epochs"]] == [4]
+    assert read_json(tmp_path / "drop.json")["args"]["drop_last"] is True
+
+
+def test_select_on_random_batches_is_a_fresh_subset_of_full_batches():
+    """The authors' selection subset: 50 validation examples at batch 16 -> 3 full batches (48
+    rows, end 48 < 50), distinct rows of the split; another epoch draws another subset, the same
+    epoch and seed the same one; 48 examples give 2 batches (32 rows)."""
+    class Split:
+        def __init__(self, n):
+            self.splits = {"valid": np.arange(1000, 1000 + n)}
+
+    config = trainer.TrainConfig(lr=1e-3, batch=16, epochs=1, seed=3, select_on="random_batches")
+    rows1, rows2 = trainer.validation_rows(Split(50), config, 1), trainer.validation_rows(Split(50), config, 2)
+    assert len(rows1) == 48 and len(set(rows1.tolist())) == 48 and set(rows1.tolist()) <= set(range(1000, 1050))
+    assert not np.array_equal(rows1, rows2)
+    assert np.array_equal(rows1, trainer.validation_rows(Split(50), config, 1))
+    assert len(trainer.validation_rows(Split(48), config, 1)) == 32
+    assert trainer.validation_rows(Split(50), trainer.TrainConfig(lr=1e-3, batch=16, epochs=1), 1) is None
+
+
+def test_select_on_random_batches_with_a_small_validation_split_is_one_error(data, base, tmp_path):
+    """A validation split of 5 examples has no batch of 16 inside it: the run stops before it
+    writes anything, with an error naming the file, the flag and the sizes."""
+    with pytest.raises(UserError, match=r"t2\.csv: --select_on random_batches .* valid split, and its 5 "
+                                        r"examples are not more than one batch \(--batch 16\)"):
+        task_n(2, data["rank"], base["index"], base["pt"], tmp_path / "t2", "--select_on", "random_batches", entry=2)
+    assert list(tmp_path.iterdir()) == []
