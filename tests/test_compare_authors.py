@@ -1,0 +1,127 @@
+"""compare_authors.py (issue 22): its statistics on hand-computed numbers, its reading of the
+authors' printed metrics, and its one-line errors. No authors' checkout needed."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import compare_authors as ca
+from utils import run_cli
+
+# What the authors' scripts print (utils.INFO_LOG lines and prints of train_teracon.py and
+# utils.model_test), captured from a run: a validation block, then the test at the best epoch.
+AUTHORS_STDOUT = """\
+[2026-12-02 01:00:00]-------------------------------------------------------train
+[2026-12-02 01:00:00]epoch: 0	 0/21.46
+Transfer Loss: 0.012
+Loss: 6.192 | Acc(hit@1): 0.000% (0/1024)
+[2026-12-02 01:00:09]-------------------------------------------------------valid
+Acc(hit@1): 5.566% (57/1024)
+[2026-12-02 01:00:09]Accuracy mrr_5: 0.11
+[2026-12-02 01:00:09]Accuracy mrr_20: 0.12
+[2026-12-02 01:00:09]Accuracy hit_5: 0.2
+[2026-12-02 01:00:09]Accuracy hit_20: 0.3
+[2026-12-02 01:00:09]Accuracy ndcg_5: 0.13
+[2026-12-02 01:00:09]Accuracy ndcg_20: 0.14
+-----testing in best validation-----
+[2026-12-02 01:00:09]-------------------------------------------------------test
+epoch:0    accuracy(hit@1):5.542    best:5.542
+[2026-12-02 01:00:10]epoch: 0	 total_epoch:3	 total_batches:4.025390625
+[2026-12-02 01:00:10]Accuracy mrr_5: 0.1234
+[2026-12-02 01:00:10]Accuracy mrr_20: 0.15
+[2026-12-02 01:00:10]Accuracy hit_5: 0.25
+[2026-12-02 01:00:10]Accuracy hit_20: 0.5
+[2026-12-02 01:00:10]Accuracy ndcg_5: 0.16
+[2026-12-02 01:00:10]Accuracy ndcg_20: 0.2
+count 0
+[2026-12-02 01:00:10]TIME FOR EPOCH During Training: 0.9
+"""
+
+# utils.model_test_acc (a task of 20 classes or fewer): the task number, then accuracy only.
+AUTHORS_ACC_STDOUT = """\
+[2026-12-02 01:00:00]-------------------------------------------------------valid
+Acc(hit@1): 70.000% (716/1024)
+-----testing in best validation-----
+2
+[2026-12-02 01:00:01]-------------------------------------------------------test
+epoch:0    accuracy(hit@1):73.242    best:73.242
+[2026-12-02 01:00:01]epoch: 0	 total_epoch:3	 total_batches:3.22265625
+"""
+
+
+def test_summarise_means_sd_and_d_by_hand():
+    ours = {0: 1.0, 1: 2.0, 2: 3.0}        # mean 2, sd 1
+    theirs = {0: 2.0, 1: 4.0, 2: 6.0}      # mean 4, sd 2
+    s = ca.summarise(ours, theirs)
+    assert s["ours_mean"] == 2.0 and s["theirs_mean"] == 4.0
+    assert s["ours_sd"] == pytest.approx(1.0) and s["theirs_sd"] == pytest.approx(2.0)
+    assert s["diff"] == -2.0
+    pooled = math.sqrt((2 * 1.0 + 2 * 4.0) / 4)  # sqrt(2.5)
+    assert s["pooled_sd"] == pytest.approx(pooled)
+    assert s["d"] == pytest.approx(-2.0 / pooled)
+    assert s["per_seed"] == {0: -1.0, 1: -2.0, 2: -3.0} and s["lower"] == 3
+
+
+def test_summarise_unequal_seeds_pairs_only_common_ones():
+    s = ca.summarise({0: 0.5, 1: 0.7, 2: 0.6, 3: 0.6}, {1: 0.6, 2: 0.6})
+    assert s["n_ours"] == 4 and s["n_theirs"] == 2
+    assert s["per_seed"] == pytest.approx({1: 0.1, 2: 0.0})
+    assert s["lower"] == 0
+    # pooled sd: ours sd^2 = 0.02/3, theirs 0: sqrt((3 * 0.02/3 + 0) / 4)
+    assert s["pooled_sd"] == pytest.approx(math.sqrt(0.02 / 4))
+
+
+def test_parse_authors_ranking_output_takes_test_blocks_not_validation():
+    blocks = ca.parse_authors_tests(AUTHORS_STDOUT)
+    assert len(blocks) == 1
+    assert blocks[0] == {"hit@1": pytest.approx(0.05542), "accuracy": pytest.approx(0.05542), "mrr@5": 0.1234,
+                         "mrr@20": 0.15, "hr@5": 0.25, "hr@20": 0.5, "ndcg@5": 0.16, "ndcg@20": 0.2}
+    assert ca.cell_values(ca.last_test(AUTHORS_STDOUT, "task 2"), 2) == {"mrr@5": 0.1234, "hr@5": 0.25,
+                                                                        "ndcg@5": 0.16}
+
+
+def test_parse_authors_last_test_block_is_the_best_epoch():
+    second = AUTHORS_STDOUT.replace("0.1234", "0.2").replace("5.542", "6.0")
+    assert ca.last_test(AUTHORS_STDOUT + second, "task 2")["mrr@5"] == 0.2
+
+
+def test_parse_authors_accuracy_output():
+    assert ca.cell_values(ca.last_test(AUTHORS_ACC_STDOUT, "task 3"), 3) == {"accuracy": pytest.approx(0.73242)}
+
+
+def test_parse_authors_without_test_block_is_an_error():
+    with pytest.raises(RuntimeError, match="no test metrics"):
+        ca.last_test("Acc(hit@1): 5.566% (57/1024)\n", "task 2")
+
+
+def test_table_rows_from_run_records():
+    runs = [{"arm": arm, "seed": seed, "cells": {"after_task": {"3": {"accuracy": v}}, "after_last": {}}}
+            for arm, values in (("authors", (0.7, 0.8)), ("ours", (0.6, 0.9))) for seed, v in enumerate(values)]
+    text, rows = ca.table(runs, "ours")
+    assert len(rows) == 1 and rows[0]["diff"] == pytest.approx(0.0) and rows[0]["lower"] == 1
+    assert "| after task | T3 | accuracy |" in text
+
+
+def test_missing_checkout_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(ca.main, ["--authors", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"),
+                          "--work", str(tmp_path / "work")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no checkout of the authors' TERACON code at ")
+    assert "Traceback" not in err[0] and not (tmp_path / "work").exists()
+
+
+def test_bad_flag_is_one_error_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(ca.main, ["--arms", "nobody"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: compare_authors.py: argument --arms: invalid choice")
+
+
+def test_report_without_runs_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(ca.main, ["--report", "--out", str(tmp_path)])
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}/runs: no run JSON yet"
