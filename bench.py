@@ -280,7 +280,7 @@ class PinnedRho:
     """A retention step whose sampling ratios are held at the benchmark's rho on every call."""
 
     def __init__(self, step: RetentionStep, rho: np.ndarray):
-        self.step, self.rho = step, rho
+        self.step, self.rho, self.shard = step, rho, step.shard
 
     def backward(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         self.step.rho = self.rho.copy()

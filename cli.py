@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import data_loader as dl
+import distributed
 from checkpoint import (load_checkpoint, load_previous, load_resume_state, resume_path, save_checkpoint,
                         save_resume_state, summary_path)
 from methods import METHODS
@@ -24,7 +25,7 @@ from nextitnet import CHANNELS, DILATIONS, NextItNet
 from teracon import ALPHA, auto_chunk_rows
 from trainer import Progress, TrainConfig, check_batching, format_metrics, train
 from utils import (AMP_MODES, UserError, atomic_write_json, check_outputs, code_version, finite_float,
-                   library_versions, resolve_device, seed_int, set_precision, set_seed, sha256_file)
+                   library_versions, seed_int, set_precision, set_seed, sha256_file)
 
 log = logging.getLogger("teracon")
 
@@ -190,14 +191,21 @@ def load_data(args: argparse.Namespace) -> tuple[dl.TaskData, dict | None, np.nd
 
 class TaskRun:
     """One task's training run: its data, method, model and step, and the files it writes
-    (PREFIX.pt at every new best epoch, PREFIX.json after every epoch, PREFIX.resume.pt)."""
+    (PREFIX.pt at every new best epoch, PREFIX.json after every epoch, PREFIX.resume.pt).
+    Under torchrun (`shard`) every rank trains and rank 0 alone writes."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, precision: dict):
-        self.args, self.device = args, device
+    def __init__(self, args: argparse.Namespace, device: torch.device, precision: dict,
+                 shard: distributed.Shard = distributed.SINGLE):
+        self.args, self.device, self.shard = args, device, shard
         self.ckpt_out, self.summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
         self.resume_out = resume_path(args.savepath)
         start = time.time()
+        # a node's local rank 0 reads first (and writes the data cache if it is missing), then the others
+        if shard.local_rank:
+            distributed.barrier(shard)
         self.data, self.prev, self.items = load_data(args)
+        if shard.parallel and not shard.local_rank:
+            distributed.barrier(shard)
         self.load_seconds = time.time() - start
         if args.chunk_rows < 0:
             args.chunk_rows = auto_chunk_rows(device, self.data.sources.shape[1],
@@ -207,11 +215,13 @@ class TaskRun:
         self.model.to(device)
         self.method.prepare(self.model)
         self.step = self.method.step(self.model, teacher)
+        self.step.shard = shard
         self.config = TrainConfig.from_args(args)
         check_batching(self.data, self.config)  # before anything is written
         self.run_args = dict(vars(args))
         # what produced the run: recorded in PREFIX.json and the checkpoint
-        self.run_info = {"precision": precision, "code": code_version(), "rehearsal": is_rehearsal(args)}
+        self.run_info = {"precision": precision, "code": code_version(), "rehearsal": is_rehearsal(args),
+                         "world_size": shard.world}
         self.task_entry = {"task": args.task, "name": self.data.name, "file": self.data.path,
                            "file_sha256": sha256_file(self.data.path), "num_classes": self.data.num_classes,
                            "metric": self.data.kind, "seed": args.seed, "split_by": args.split_by,
@@ -219,10 +229,12 @@ class TaskRun:
         # a resumable state is only valid for the same inputs, byte for byte
         self.resume_args = dict(self.run_args, datapath_sha256=self.task_entry["file_sha256"],
                                 paths_sha256=sha256_file(args.paths) if args.task > 1 else None,
-                                run_device=str(device))
+                                run_device=str(device), world_size=shard.world)
 
     def save(self, summary: dict, checkpoint: bool = True) -> None:
-        """The checkpoint (at a new best epoch) and the run summary (after every epoch)."""
+        """The checkpoint (at a new best epoch) and the run summary (after every epoch); rank 0 only."""
+        if not self.shard.main:
+            return
         entry = dict(self.task_entry, best_epoch=summary["best_epoch"], test=summary["test"])
         if checkpoint:
             save_checkpoint(self.ckpt_out, method=self.args.method, model=self.model,
@@ -239,7 +251,9 @@ class TaskRun:
         return {"load_seconds": round(self.load_seconds, 3), "peak_rss_gib": round(gib, 3)}
 
     def snapshot(self, progress: Progress, optimizer: torch.optim.Optimizer) -> None:
-        """The resumable state (`--resume`)."""
+        """The resumable state (`--resume`); rank 0 only."""
+        if not self.shard.main:
+            return
         save_resume_state(self.resume_out, args=self.resume_args, progress=asdict(progress), model=self.model,
                           optimizer=optimizer, step_state=self.step.state_dict(),
                           method_state=self.method.state_dict())
@@ -247,7 +261,7 @@ class TaskRun:
     def restore(self) -> dict:
         """Weights, method and step as the resumable state holds them; returns the state."""
         state = load_resume_state(self.resume_out, self.resume_args)
-        for key, what in (("run_device", "device"), ("chunk_rows", "--chunk_rows")):
+        for key, what in (("run_device", "device"), ("chunk_rows", "--chunk_rows"), ("world_size", "ranks")):
             before, now = state["args"].get(key), self.resume_args[key]
             if before != now:
                 log.warning("task %d: resuming with %s %s where the state was written with %s: the same "
@@ -270,21 +284,30 @@ class TaskRun:
         state = self.restore() if self.args.resume else None
         if state is None or state["progress"]["phase"] == "train":
             summary = self.fit(resume=state)
-            summary = self.method.after_fit(self.model, lambda: reload_weights(self.model, self.ckpt_out),
+            summary = self.method.after_fit(self.model, self.reload_best,
                                             lambda **kw: self.fit(summary=summary, **kw)) or summary
         else:  # a later phase (CONURE's retraining) continues where it stopped
             summary = self.fit(resume=state)
         summary["finished"] = True
         self.save(summary, checkpoint=False)
-        self.resume_out.unlink(missing_ok=True)  # a finished run has nothing to resume
+        if self.shard.main:
+            self.resume_out.unlink(missing_ok=True)  # a finished run has nothing to resume
+        distributed.barrier(self.shard)  # the files are complete when any rank returns
         return summary
+
+    def reload_best(self) -> None:
+        """The best epoch's weights from PREFIX.pt; under torchrun rank 0 reads them and sends them."""
+        if self.shard.main:
+            reload_weights(self.model, self.ckpt_out)
+        if self.shard.parallel:
+            distributed.broadcast_model(self.model)
 
 
 def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     """Train one task with its method; writes PREFIX.pt (best validation epoch) and PREFIX.json."""
     args = build_parser(task).parse_args(argv)
     args = resolve_args(args, task or args.task)
-    device = resolve_device(args.device)
+    shard, device = distributed.init(args.device)
     precision = set_precision(args.amp, device, args.deterministic)
     set_seed(args.seed)
     outputs = {"--savepath": [Path(args.savepath + ".pt"), Path(args.savepath + ".json"), resume_path(args.savepath)]}
@@ -295,15 +318,15 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
         inputs.update({"--paths": [args.paths, summary_path(args.paths)], "--datapath_index": args.datapath_index})
     check_outputs(outputs, inputs)  # before any training: never write over an input, never fail late
 
-    run = TaskRun(args, device, precision)
+    run = TaskRun(args, device, precision, shard)
     data, n = run.data, run.task_entry["split_sizes"]
-    log.info("task %d (%s), method %s: %s, %d classes (%s), split train/valid/test %d/%d/%d, device %s, %s",
+    log.info("task %d (%s), method %s: %s, %d classes (%s), split train/valid/test %d/%d/%d, device %s, %s%s",
              args.task, data.name, args.method, data.path, data.num_classes, data.kind, n["train"], n["valid"],
-             n["test"], device, args.amp)
+             n["test"], device, args.amp, f", {shard.world} ranks (torchrun)" if shard.parallel else "")
     if run.run_info["rehearsal"]:
         log.warning("task %d: a REHEARSAL (--limit_batches %d, --limit_eval_batches %d): its metrics are not "
                     "results", args.task, args.limit_batches, args.limit_eval_batches)
-    if args.task == 1:
+    if args.task == 1 and shard.main:
         dl.save_item_index(args.datapath_index, run.items, args.datapath)
     start = time.time()
     summary = run.run()

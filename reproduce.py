@@ -5,7 +5,8 @@
     python reproduce.py --dataset Data/ttl-shape/tasks.json --preset paper --limit_batches 2 --limit_eval_batches 1
 
 For every seed: task 1, then tasks 2..T through the real training scripts, then every task is
-evaluated with the final model. A stage whose checkpoint and finished summary exist is skipped
+evaluated with the final model. Under torchrun every stage runs in this process on all ranks
+(`distributed.py`), and rank 0 alone evaluates and writes the tables. A stage whose checkpoint and finished summary exist is skipped
 and a stage that was interrupted continues from its resumable state (`--resume`), unless --force.
 Writes OUT/<dataset>/ (default runs/, git-ignored; `--out results` writes the committed reference):
 table.md and table.csv (every task's metrics, with the trivial reference), summary.md and
@@ -22,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+import cli
 import data_loader as dl
+import distributed
 import plot_tasks
 from checkpoint import resume_path
 import results
@@ -70,7 +73,9 @@ def stage_done(prefix: Path, data_file: str, limits: dict[str, int]) -> bool:
 
 
 def run_stage(task: int, manifest: dict, prefix: Path, seed: int, method: str, flags: dict, device: str,
-              resume: bool = False) -> None:
+              resume: bool = False, shard: distributed.Shard = distributed.SINGLE) -> None:
+    """One task's training script: a subprocess, or under torchrun `cli.main` in this process
+    (the ranks' process group serves every stage)."""
     script = [str(HERE / "train_task1.py")] if task == 1 else [str(HERE / "train_teracon.py"), "--task", str(task)]
     cmd = [sys.executable, *script, "--dataset", manifest["path"], "--savepath", str(prefix),
            "--seed", str(seed), "--method", method, "--device", device]
@@ -84,6 +89,9 @@ def run_stage(task: int, manifest: dict, prefix: Path, seed: int, method: str, f
         cmd.append("--resume")  # an interrupted run of this stage continues where it stopped
         log.info("[%s seed %d] task %d: resuming from %s", method, seed, task, resume_path(str(prefix)))
     log.info("$ %s", " ".join(cmd[1:]))
+    if shard.parallel:
+        cli.main(cmd[2:], task=1 if task == 1 else None)
+        return
     rc = subprocess.run(cmd).returncode
     if rc != 0:
         how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
@@ -91,8 +99,10 @@ def run_stage(task: int, manifest: dict, prefix: Path, seed: int, method: str, f
                         "its own messages, if any, are above. Rerun the same command: finished stages are kept")
 
 
-def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, args: argparse.Namespace) -> dict:
-    """Train every task for one method and seed (skipping finished stages), evaluate the final model."""
+def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, args: argparse.Namespace,
+             shard: distributed.Shard = distributed.SINGLE) -> dict | None:
+    """Train every task for one method and seed (skipping finished stages), evaluate the final
+    model (rank 0; the other ranks of a torchrun return None)."""
     folder = out / method / f"seed{seed}"
     tasks = sorted(int(t["task"]) for t in manifest["tasks"])
     rerun = args.force
@@ -120,11 +130,13 @@ def run_seed(manifest: dict, out: Path, method: str, seed: int, preset: dict, ar
             flags["epochs"] = min(flags["epochs"], args.max_epochs)
             flags["retrain_epochs"] = args.max_epochs
         start = time.time()
-        run_stage(task, manifest, prefix, seed, method, flags, args.device, resume)
+        run_stage(task, manifest, prefix, seed, method, flags, args.device, resume, shard)
         s = read_json(prefix.with_suffix(".json"))
         log.info("[%s seed %d] task %d (%s) finished in %.0fs: best epoch %s, test %s", method, seed, task, name,
                  time.time() - start, s["best_epoch"],
                  " ".join(f"{k} {v:.4f}" for k, v in s["test"].items() if k in sum(results.REPORTED.values(), ())))
+    if not shard.main:
+        return None
     matrix = folder / "matrix.json"
     if rerun or not matrix.is_file():
         after = [evaluate_checkpoint(folder / f"task{t}.pt", args.device, limit_batches=args.limit_eval_batches)
@@ -194,11 +206,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
 
     start = time.time()
+    shard, _ = distributed.init(args.device)
+    if shard.main:
+        load_or_prepare(args.dataset)  # rank 0 prepares ml-100k on its first run, the others wait
+    distributed.barrier(shard)
     manifest = load_or_prepare(args.dataset)
     name = manifest.get("dataset") or Path(manifest["dir"]).name
     preset = PAPER if args.preset == "paper" else PRESETS.get(args.preset or name, PAPER)
     out = Path(args.out) / name
-    runs = [run_seed(manifest, out, method, seed, preset, args) for method in args.methods for seed in args.seeds]
+    runs = [run_seed(manifest, out, method, seed, preset, args, shard) for method in args.methods for seed in args.seeds]
+    if not shard.main:
+        return []
     version = manifest.get("version") or name
     title = f"{', '.join(args.methods)} on {version}, seeds {' '.join(map(str, args.seeds))}"
     rows, text = write_results(runs, out, title)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from chunked_ce import CE_CHUNK_ELEMENTS, next_item_loss  # noqa: F401  (task 1's loss, re-exported)
+from distributed import SINGLE, Shard
 from nextitnet import NextItNet
 
 ALPHA = 0.7          # weight of the knowledge-retention loss (eq. 18)
@@ -72,7 +73,18 @@ def mask_mean(masks: torch.Tensor) -> torch.Tensor:
 class Step:
     """A training step: `loss` of a batch at annealing scale s; `backward` also accumulates its
     gradients and returns the loss, detached. A non-finite loss updates nothing (SPEC 5.6):
-    `trainer.train_step` then clears whatever gradients a micro-batched step accumulated."""
+    `trainer.train_step` then clears whatever gradients a micro-batched step accumulated.
+
+    Under data parallelism (`shard.parallel`) a step computes only its rank's part of the batch,
+    weighted by the whole batch's denominators, and the terms that do not depend on the rows
+    (regularisers of the masks) on rank 0 alone: the ranks' losses and gradients sum to the
+    one-process step's (`distributed.py`)."""
+    shard: Shard = SINGLE
+
+    def rows(self, batch: int) -> tuple[slice, float]:
+        """This rank's rows of a batch and the share of the batch they are."""
+        part = self.shard.part(batch)
+        return part, (part.stop - part.start) / batch
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         raise NotImplementedError
@@ -98,9 +110,14 @@ class Task1Step(Step):
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         masks = self.model.masks(s)
+        if self.shard.parallel:  # this rank's sequences; the mean over the whole batch's positions
+            part, share = self.rows(len(src))
+            src = src[part]
         hidden = self.model.encode(src[:, :-1], masks)
         loss = next_item_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.heads[0], src[:, 1:].reshape(-1))
-        if self.mask_reg and self.model.masked:
+        if self.shard.parallel:
+            loss = loss * share if len(src) else 0.0 * hidden.sum()  # a rank without rows adds nothing
+        if self.mask_reg and self.model.masked and self.shard.main:
             loss = loss + self.mask_reg * mask_mean(masks)
         return loss
 
@@ -114,9 +131,16 @@ class NewTaskStep(Step):
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         masks = self.model.masks(s)
+        batch = len(src)
+        if self.shard.parallel:  # this rank's rows, the mean over the whole batch
+            part, _ = self.rows(batch)
+            src, tgt = src[part], tgt[part]
         [logits] = self.model.task_logits(src, [(self.model.num_tasks - 1, None)], masks)
-        loss = F.cross_entropy(logits, tgt)
-        return loss + self.penalty(masks) if self.penalty else loss
+        if self.shard.parallel:
+            loss = F.cross_entropy(logits, tgt, reduction="sum") / batch
+        else:
+            loss = F.cross_entropy(logits, tgt)
+        return loss + self.penalty(masks) if self.penalty and self.shard.main else loss
 
 
 def auto_chunk_rows(device: torch.device, length: int, channels: int, cache_bytes: int = 8 << 20) -> int:
@@ -134,7 +158,8 @@ class RetentionStep(Step):
     `chunk_rows` > 0: `backward` runs the stacked rows (every past task's subset, then the
     batch) through forward and backward in chunks of at most that many rows, each row's loss
     weighted by the whole batch's denominators, so the loss and every gradient equal the
-    unchunked step's up to float rounding (micro-batching for cache or memory)."""
+    unchunked step's up to float rounding (micro-batching for cache or memory). Under data
+    parallelism each rank runs its own part of the stacked rows that way."""
 
     def __init__(self, model: NextItNet, teacher: NextItNet, alpha: float, rng: np.random.Generator,
                  min_rows: int = 0, chunk_rows: int = 0):
@@ -174,7 +199,8 @@ class RetentionStep(Step):
 
     def backward(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         batch, new = len(src), self.model.num_tasks - 1
-        if not self.chunk_rows or batch + sum(subset_sizes(self.rho, batch, self.min_rows)) <= self.chunk_rows:
+        stacked = batch + sum(subset_sizes(self.rho, batch, self.min_rows))
+        if not self.shard.parallel and (not self.chunk_rows or stacked <= self.chunk_rows):
             return super().backward(src, tgt, s)
         masks = self.model.masks(s)
         leaf = masks.detach().requires_grad_(True)  # chunks meet here; one backward through the masks
@@ -186,9 +212,12 @@ class RetentionStep(Step):
         # every stacked row as (task, row of the batch), in the unchunked step's order
         task_of = np.concatenate([np.full(len(sub), i) for i, sub in enumerate(subsets)] + [np.full(batch, new)])
         row_of = np.concatenate([*subsets, np.arange(batch)])
+        part = self.shard.part(len(row_of))  # this rank's stacked rows (all of them in one process)
+        task_of, row_of = task_of[part], row_of[part]
+        chunk = self.chunk_rows or max(len(row_of), 1)
         total = torch.zeros((), dtype=torch.float64, device=src.device)
-        for start in range(0, len(row_of), self.chunk_rows):
-            tasks, rows = task_of[start:start + self.chunk_rows], row_of[start:start + self.chunk_rows]
+        for start in range(0, len(row_of), chunk):
+            tasks, rows = task_of[start:start + chunk], row_of[start:start + chunk]
             groups = [(int(t), torch.as_tensor(rows[tasks == t], device=src.device)) for t in np.unique(tasks)]
             past = [(t, r) for t, r in groups if t != new]
             with torch.no_grad():
@@ -206,7 +235,8 @@ class RetentionStep(Step):
             chunk_loss = torch.stack(terms).sum()
             chunk_loss.backward()  # no host sync per chunk: a non-finite total makes train_step skip
             total += chunk_loss.detach().double()
-        masks.backward(leaf.grad)
+        if leaf.grad is not None:  # None: this rank had no rows
+            masks.backward(leaf.grad)
         return total.to(masks.dtype)
 
     def state_dict(self) -> dict:

@@ -18,6 +18,8 @@ import torch
 from tqdm import tqdm
 
 import data_loader as dl
+import distributed
+from distributed import SINGLE, Shard
 from nextitnet import NextItNet
 from teracon import Step, anneal_s
 from utils import UserError, check_finite_model, metric_sums, rank_of_target
@@ -71,11 +73,12 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.de
 @torch.no_grad()
 def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, device: torch.device,
              batch_size: int = 1024, amp: str = "fp32", head: int | None = None,
-             limit_batches: int = 0, rows: np.ndarray | None = None) -> dict[str, float]:
+             limit_batches: int = 0, rows: np.ndarray | None = None, shard: Shard = SINGLE) -> dict[str, float]:
     """Every example of the split once, in order, at s = smax (SPEC 2, 6), through the model's
     head `head` (default: the task's own, task n -> head n-1), the head in fp32 under any
     autocast. Task 1 predicts each sequence's last item. `rows`: only these examples of the
-    split (`validation_rows`); `limit_batches` > 0 (a rehearsal): only the first batches."""
+    split (`validation_rows`); `limit_batches` > 0 (a rehearsal): only the first batches. Under
+    data parallelism each rank scores its part of the examples and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     head = data.task - 1 if head is None else head
@@ -83,15 +86,17 @@ def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, devic
     idx = data.splits[split] if rows is None else rows
     if limit_batches:
         idx = idx[:limit_batches * batch_size]
-    sums: dict[str, float] = {}
-    for batch in dl.batches(idx, batch_size):
+    sums = dict.fromkeys(metric_sums(torch.zeros(0), data.kind), 0.0)
+    for batch in dl.batches(idx[shard.part(len(idx))], batch_size):
         src, tgt = data.batch(batch, device)
         if data.task == 1:
             tgt = src[:, -1]
         with autocast(device, amp):
             [logits] = model.task_logits(src, [(head, None)], masks, fp32_heads=True)
         for k, v in metric_sums(rank_of_target(logits.float(), tgt), data.kind).items():
-            sums[k] = sums.get(k, 0.0) + v
+            sums[k] += v
+    if shard.parallel:
+        sums = distributed.all_reduce_sums(sums, device)
     model.train(was_training)
     return {k: v / max(len(idx), 1) for k, v in sums.items()}
 
@@ -127,10 +132,14 @@ def train_step(model: NextItNet, step: Step, optimizer: torch.optim.Optimizer, s
     """One batch: the step's loss under autocast, backward, the hooks around the optimiser step,
     then the clamp of the task embeddings (SPEC 4). A non-finite loss updates nothing (SPEC 5.6)
     and returns None; otherwise the loss. The loss is read once, after backward is queued: the
-    step's only host-device synchronisation."""
+    step's only host-device synchronisation in one process. Under data parallelism the ranks'
+    gradients and losses are summed before anything reads them, so every rank decides and
+    updates alike."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, amp):
         loss = step.backward(src, tgt, s)
+    if step.shard.parallel:
+        loss = distributed.all_reduce_gradients([p for g in optimizer.param_groups for p in g["params"]], loss)
     value = loss.item()
     if math.isfinite(value):
         if hooks:
@@ -225,7 +234,7 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
     batches_per_epoch = len(train_idx) / config.batch
     if config.limit_batches:  # a rehearsal anneals s over the batches it runs (eq. 19 with B = N)
         batches_per_epoch = min(batches_per_epoch, config.limit_batches)
-    head = model.num_tasks - 1
+    head, shard = model.num_tasks - 1, step.shard
     while progress.epoch < progress.first_epoch + progress.epochs and progress.bad_epochs < config.patience:
         epoch, start = progress.epoch, time.time() - progress.seconds
         rng.bit_generator.state = progress.epoch_rng
@@ -234,7 +243,7 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
             batches = batches[:config.limit_batches]
         model.train()
         bar = tqdm(range(progress.batch, len(batches)), total=len(batches), initial=progress.batch,
-                   desc=f"task {data.task} epoch {epoch}", leave=False, disable=config.quiet)
+                   desc=f"task {data.task} epoch {epoch}", leave=False, disable=config.quiet or not shard.main)
         for b in bar:
             src, tgt = data.batch(batches[b], device)
             s = anneal_s(b, batches_per_epoch, config.smax)
@@ -257,7 +266,7 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
         rows = validation_rows(data, config, epoch)
         n_valid = len(data.splits["valid"] if rows is None else rows)
         valid = evaluate(model, data, "valid", config.smax, device, config.eval_batch, config.amp, head,
-                         config.limit_eval_batches, rows)
+                         config.limit_eval_batches, rows, shard)
         timing = {"train_seconds": round(train_seconds, 3), "steps": len(batches),
                   "step_seconds": round(train_seconds / max(len(batches), 1), 4),
                   "valid_seconds": round(time.time() - eval_start, 3),
@@ -273,7 +282,7 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
             progress.best, progress.bad_epochs = chosen, 0
             summary.update(best_epoch=epoch, valid=valid,
                            test=evaluate(model, data, "test", config.smax, device, config.eval_batch, config.amp, head,
-                                         config.limit_eval_batches))
+                                         config.limit_eval_batches, shard=shard))
             save(summary)
         else:
             progress.bad_epochs += 1
