@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import data_loader as dl
+from methods import METHODS
 from utils import UserError, atomic_torch_save, clip, library_versions, read_json, require_file
 
 log = logging.getLogger("teracon")
@@ -105,45 +106,24 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def extras_problem(ckpt: dict) -> str | None:
-    """What is wrong with the method's own entries (HAT's cumulative mask, CONURE's owners), or None."""
-    method = ckpt.get("method", "teracon")
-    if method not in ("hat", "conure"):
-        return None
-    try:
-        channels, kernel = int(ckpt["config"]["channels"]), int(ckpt["config"].get("kernel", 3))
-        layers = 2 * len(ckpt["config"]["dilations"])
-    except (KeyError, TypeError, ValueError):
-        return "config lacks channels or dilations"
-    if method == "hat":
-        cumulative = ckpt.get("hat_cumulative")
-        if not isinstance(cumulative, torch.Tensor) or tuple(cumulative.shape) != (layers, channels):
-            return f"hat_cumulative is not a [{layers}, {channels}] tensor"
-    if method == "conure":
-        owner = ckpt.get("conure_owner")
-        if not (isinstance(owner, list) and len(owner) == layers and all(
-                isinstance(o, torch.Tensor) and tuple(o.shape) == (channels, channels, kernel) for o in owner)):
-            return f"conure_owner is not {layers} tensors of shape [{channels}, {channels}, {kernel}]"
-    return None
+    """What is wrong with the method's own entries (HAT's cumulative mask, CONURE's owners, ...),
+    as the method's class judges them, or None (an unknown method is judged where it is served)."""
+    method = METHODS.get(ckpt.get("method", "teracon"))
+    return method.checkpoint_problem(ckpt) if method else None
 
 
 def upgrade(ckpt: dict) -> dict:
     """Read a checkpoint of format teracon/1 (before the methods owned their state) as teracon/2:
-    its config's `owned` flag goes, CONURE's weight owners move from conv buffers
-    (`blocks.B.convK.owner`) to `conure_owner`, in the model's conv order, and SinMo's one-task
-    models say which task they serve (`first_task`)."""
+    the config's `owned` flag goes, and the method moves its own entries where it now keeps them
+    (`upgrade_checkpoint`: CONURE's weight owners, SinMo's `first_task`)."""
     if ckpt.get("format") != "teracon/1":
         return ckpt
     ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k != "owned"}
-    owners = sorted((k for k in ckpt["state_dict"] if k.endswith(".owner")),
-                    key=lambda k: (int(k.split(".")[1]), k))
-    if owners:
-        ckpt["conure_owner"] = [ckpt["state_dict"].pop(k) for k in owners]
-    for i, member in enumerate(ckpt.get("members", [])):
+    for member in ckpt.get("members", []):
         member["config"] = {k: v for k, v in member["config"].items() if k != "owned"}
-        if ckpt.get("method") == "sinmo":  # member i is the one-task model of task i + 1
-            member["config"].setdefault("first_task", i + 1)
-    if ckpt.get("method") == "sinmo":
-        ckpt["config"].setdefault("first_task", len(ckpt["tasks"]))
+    method = METHODS.get(ckpt.get("method", "teracon"))
+    if method:
+        method.upgrade_checkpoint(ckpt)
     ckpt["format"] = FORMAT
     return ckpt
 
@@ -198,10 +178,10 @@ def load_previous(path: str, index_path: str, task: int, method: str, accept_unf
 
 RESUME_FORMAT = "teracon-resume/1"
 # flags that may differ between a run and its --resume: none of them changes what is computed,
-# except the device and --chunk_rows (the same loss and gradients up to float rounding: bit for
-# bit only with both unchanged; the run says so when they change)
+# except the device, --chunk_rows and the number of torchrun ranks (the same loss and gradients
+# up to float rounding: bit for bit only with all three unchanged; the run says so when they change)
 RESUME_FREE_FLAGS = {"resume", "save_every", "quiet", "device", "run_device", "chunk_rows", "accept_unfinished",
-                     "cache_dir"}
+                     "cache_dir", "world_size"}
 
 
 def resume_path(savepath: str) -> Path:

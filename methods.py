@@ -90,6 +90,16 @@ class Teracon:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    # ---- its checkpoint entries --------------------------------------------------------
+    @classmethod
+    def checkpoint_problem(cls, ckpt: dict) -> str | None:
+        """What is wrong with the method's own entries of a checkpoint (`extras`), or None."""
+        return None
+
+    @classmethod
+    def upgrade_checkpoint(cls, ckpt: dict) -> None:
+        """Move the method's own entries of a teracon/1 checkpoint where teracon/2 keeps them."""
+
     # ---- serving a checkpoint ----------------------------------------------------------
     @classmethod
     def serve(cls, ckpt: dict, device: torch.device, source: str = "checkpoint") -> Iterator[tuple[NextItNet, int]]:
@@ -137,6 +147,13 @@ class SinMo(Teracon):
             return {}
         return {"members": self.prev.get("members", []) + [{"config": self.prev["config"],
                                                             "state_dict": self.prev["state_dict"]}]}
+
+    @classmethod
+    def upgrade_checkpoint(cls, ckpt: dict) -> None:
+        """teracon/1's one-task models did not say which task they serve: member i is task i + 1's."""
+        for i, member in enumerate(ckpt.get("members", [])):
+            member["config"].setdefault("first_task", i + 1)
+        ckpt["config"].setdefault("first_task", len(ckpt["tasks"]))
 
     @classmethod
     def serve(cls, ckpt: dict, device: torch.device, source: str = "checkpoint") -> Iterator[tuple[NextItNet, int]]:
@@ -209,6 +226,17 @@ class HAT(Teracon):
         for (p, gate), old in zip(self.gates, self._before):
             p.copy_(old + gate * (p - old))
 
+    @classmethod
+    def checkpoint_problem(cls, ckpt: dict) -> str | None:
+        layout = conv_layout(ckpt)
+        if isinstance(layout, str):
+            return layout
+        layers, channels, _ = layout
+        cumulative = ckpt.get("hat_cumulative")
+        if not isinstance(cumulative, torch.Tensor) or tuple(cumulative.shape) != (layers, channels):
+            return f"hat_cumulative is not a [{layers}, {channels}] tensor"
+        return None
+
     @torch.no_grad()
     def extras(self) -> dict:
         """a_<=t = max(a_<t, m_t at s = smax), stored in the checkpoint for the next task."""
@@ -274,6 +302,26 @@ class Conure(Teracon):
     def extras(self) -> dict:
         return {"conure_owner": [o.cpu() for o in self.owner]}
 
+    @classmethod
+    def checkpoint_problem(cls, ckpt: dict) -> str | None:
+        layout = conv_layout(ckpt)
+        if isinstance(layout, str):
+            return layout
+        layers, channels, kernel = layout
+        owner = ckpt.get("conure_owner")
+        if not (isinstance(owner, list) and len(owner) == layers and all(
+                isinstance(o, torch.Tensor) and tuple(o.shape) == (channels, channels, kernel) for o in owner)):
+            return f"conure_owner is not {layers} tensors of shape [{channels}, {channels}, {kernel}]"
+        return None
+
+    @classmethod
+    def upgrade_checkpoint(cls, ckpt: dict) -> None:
+        """teracon/1 kept the owners as conv buffers (`blocks.B.convK.owner`); now `conure_owner`,
+        in the model's conv order."""
+        owners = sorted((k for k in ckpt["state_dict"] if k.endswith(".owner")), key=lambda k: (int(k.split(".")[1]), k))
+        if owners:
+            ckpt["conure_owner"] = [ckpt["state_dict"].pop(k) for k in owners]
+
     def state_dict(self) -> dict:
         return {"owner": [o.cpu() for o in self.owner], "phase": self.phase}
 
@@ -288,6 +336,14 @@ class Conure(Teracon):
         for head in range(len(ckpt["tasks"])):
             with weights_of_task(model, owner, head + 1):
                 yield model, head
+
+
+def conv_layout(ckpt: dict) -> tuple[int, int, int] | str:
+    """(masked layers, channels, kernel) of a checkpoint's backbone, or what is wrong with its config."""
+    try:
+        return 2 * len(ckpt["config"]["dilations"]), int(ckpt["config"]["channels"]), int(ckpt["config"].get("kernel", 3))
+    except (KeyError, TypeError, ValueError):
+        return "config lacks channels or dilations"
 
 
 @contextmanager
