@@ -82,7 +82,7 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--method", choices=list(METHODS), default="teracon", help="teracon, its ablations "
                    "teracon-nokr (alpha 0) and teracon-norel (plain masks), or a baseline on the same backbone: "
-                   "fineall, sinmo, hat, conure; later tasks must use the method of task 1 (default %(default)s)")
+                   "fineall, sinmo, hat, conure, peterrec; later tasks must use the method of task 1 (default %(default)s)")
     p.add_argument("--channels", type=int, default=CHANNELS, help="task 1 only: hidden size C; later tasks "
                    "take the checkpoint's (default %(default)s)")
     p.add_argument("--dilations", type=int, nargs="+", default=list(DILATIONS), help="task 1 only: one "
@@ -90,6 +90,9 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
                    "(default %(default)s)")
     p.add_argument("--prune_ratio", type=finite_float("--prune_ratio"), default=0.7, help="conure: share of a task's free conv "
                    "weights pruned after it (default %(default)s)")
+    p.add_argument("--patch_size", type=int, default=0, help="peterrec: width k of each model patch "
+                   "C -> k -> C (0: C/4, PeterRec's cardinality-1 patch; fixed by task 2 for the later tasks) "
+                   "(default %(default)s)")
     p.add_argument("--retrain_epochs", type=int, default=10, help="conure: maximum epochs of retraining "
                    "after pruning (default %(default)s)")
     p.add_argument("--amp", choices=AMP_MODES, default="fp32", help="precision: fp32 (matmuls and "
@@ -134,7 +137,7 @@ def resolve_args(args: argparse.Namespace, task: int) -> argparse.Namespace:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.chunk_rows < -1:
         raise UserError(f"--chunk_rows {args.chunk_rows}: must be -1 (auto), 0 (off) or positive")
-    for flag in ("min_retention_rows", "save_every", "limit_batches", "limit_eval_batches"):
+    for flag in ("min_retention_rows", "save_every", "limit_batches", "limit_eval_batches", "patch_size"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 0")
     if args.channels < 1 or min(args.dilations) < 1:

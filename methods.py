@@ -11,6 +11,7 @@ each of its tasks. Adding a method means adding a class here and an entry in `ME
 - `sinmo`: one model per task, trained from scratch on that task alone.
 - `hat`: Hard Attention to the Task (Serra et al., ICML 2018).
 - `conure`: CONURE (Yuan et al., SIGIR 2021): prune, retrain and freeze per task.
+- `peterrec`: PeterRec (Yuan et al., SIGIR 2020): the task-1 model frozen, per-task model patches.
 """
 from __future__ import annotations
 
@@ -346,6 +347,33 @@ def conv_layout(ckpt: dict) -> tuple[int, int, int] | str:
         return "config lacks channels or dilations"
 
 
+class PeterRec(Teracon):
+    """PeterRec (Yuan et al., SIGIR 2020): the task-1 model is frozen; each later task adds its
+    own model patches (`nextitnet.ModelPatch`, serial after every conv, the authors' causal
+    'serial' variant, width `--patch_size`, default C/4 as their cardinality-1 patch) and its
+    head, and trains only those: no forgetting, no transfer between later tasks. Their code also
+    retrains each block's second layer norm; we train the patches and the head only (the paper's
+    statement) and freeze the layer norms with the rest."""
+    name = "peterrec"
+    masked = False
+    retention = False
+
+    def build(self, num_items: int, num_classes: int) -> tuple[NextItNet, NextItNet | None]:
+        model, _ = super().build(num_items, num_classes)
+        if self.prev is not None:
+            model.patch_size = model.patch_size or self.args.patch_size or model.channels // 4
+            model.add_patches(model.num_tasks - 1)
+        return model, None
+
+    def prepare(self, model: NextItNet) -> None:
+        if self.prev is None:
+            return
+        own = [*model.patches_of(model.num_tasks - 1).parameters(), *model.heads[-1].parameters()]
+        model.requires_grad_(False)
+        for p in own:
+            p.requires_grad_(True)
+
+
 @contextmanager
 def weights_of_task(model: NextItNet, owner: list[torch.Tensor], task: int) -> Iterator[None]:
     """Inside: every conv weight owned by a task after `task` (1-based) is zero."""
@@ -361,4 +389,5 @@ def weights_of_task(model: NextItNet, owner: list[torch.Tensor], task: int) -> I
                 conv.weight.copy_(w)
 
 
-METHODS: dict[str, type[Teracon]] = {m.name: m for m in (Teracon, TeraconNoKR, TeraconNoRel, FineAll, SinMo, HAT, Conure)}
+METHODS: dict[str, type[Teracon]] = {m.name: m for m in (Teracon, TeraconNoKR, TeraconNoRel, FineAll, SinMo, HAT, Conure,
+                                                         PeterRec)}

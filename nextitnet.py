@@ -34,8 +34,25 @@ class CausalConv1d(nn.Conv1d):
         return F.conv1d(xp, self.weight, self.bias, dilation=d).transpose(1, 2)  # [B, L, C_out]
 
 
+class ModelPatch(nn.Module):
+    """PeterRec's model patch (Yuan et al., SIGIR 2020, Sec. 3.3): a bottleneck residual
+    x + W_up GELU(W_down x) over the channels, C -> k -> C, weights ~ N(0, 0.02), biases 0, so a
+    fresh patch is close to the identity."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.down, self.up = nn.Linear(channels, size), nn.Linear(size, channels)
+        for layer in (self.down, self.up):
+            nn.init.trunc_normal_(layer.weight, std=0.02, a=-0.04, b=0.04)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(F.gelu(self.down(x)))
+
+
 class ResidualBlock(nn.Module):
-    """conv(d) -> LN -> ReLU -> * m1 -> conv(2d) -> LN -> ReLU -> * m2, plus the input (SPEC 3)."""
+    """conv(d) -> LN -> ReLU -> * m1 -> conv(2d) -> LN -> ReLU -> * m2, plus the input (SPEC 3);
+    with `patches` (PeterRec), each conv's output first goes through its model patch."""
 
     def __init__(self, channels: int, kernel: int, dilation: int):
         super().__init__()
@@ -44,11 +61,14 @@ class ResidualBlock(nn.Module):
         self.conv2 = CausalConv1d(channels, channels, kernel, dilation=2 * dilation)
         self.ln2 = nn.LayerNorm(channels, eps=1e-8)
 
-    def forward(self, x: torch.Tensor, mask1: torch.Tensor, mask2: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask1: torch.Tensor, mask2: torch.Tensor,
+                patches: tuple[ModelPatch, ModelPatch] | None = None) -> torch.Tensor:
         """x [B, L, C]; masks [B or 1, C], broadcast over positions."""
-        out = F.relu(self.ln1(self.conv1(x))) * mask1.unsqueeze(1)
-        out = F.relu(self.ln2(self.conv2(out))) * mask2.unsqueeze(1)
-        return out + x
+        if patches is None:
+            out = F.relu(self.ln1(self.conv1(x))) * mask1.unsqueeze(1)
+            return F.relu(self.ln2(self.conv2(out))) * mask2.unsqueeze(1) + x
+        out = F.relu(self.ln1(patches[0](self.conv1(x)))) * mask1.unsqueeze(1)
+        return F.relu(self.ln2(patches[1](self.conv2(out)))) * mask2.unsqueeze(1) + x
 
 
 def relation_stack(num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,12 +141,14 @@ class NextItNet(nn.Module):
 
     `relation=False` uses plain masks for every task (HAT, the teracon-norel ablation);
     `masked=False` uses no masks (all ones: fine-tuning, SinMo, CONURE). `first_task` is the
-    task number of head 0 (1, except for SinMo's one-task models of later tasks).
+    task number of head 0 (1, except for SinMo's one-task models of later tasks). `patches`
+    (PeterRec) holds, for some tasks t (0-based), one model patch of width `patch_size` per conv:
+    task t runs through its own.
     """
 
     def __init__(self, num_items: int, head_sizes: list[int], channels: int = CHANNELS,
                  dilations: tuple[int, ...] = DILATIONS, kernel: int = KERNEL, relation: bool = True,
-                 masked: bool = True, first_task: int = 1):
+                 masked: bool = True, first_task: int = 1, patch_size: int = 0, patched_tasks: list[int] = ()):
         super().__init__()
         self.first_task = first_task
         self.num_items, self.channels = num_items, channels
@@ -138,6 +160,9 @@ class NextItNet(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(channels, kernel, d) for d in self.dilations)
         self.task_masks = TaskMasks(len(head_sizes), 2 * len(self.dilations), channels)
         self.heads = nn.ModuleList(init_head(nn.Linear(channels, k)) for k in head_sizes)
+        self.patch_size, self.patches = patch_size, nn.ModuleDict()
+        for t in patched_tasks:
+            self.add_patches(t)
 
     # ---- construction ------------------------------------------------------------------
     @property
@@ -145,9 +170,12 @@ class NextItNet(nn.Module):
         return len(self.heads)
 
     def config(self) -> dict:
-        return {"num_items": self.num_items, "head_sizes": [h.out_features for h in self.heads],
-                "channels": self.channels, "dilations": list(self.dilations), "kernel": self.kernel,
-                "relation": self.relation, "masked": self.masked, "first_task": self.first_task}
+        config = {"num_items": self.num_items, "head_sizes": [h.out_features for h in self.heads],
+                  "channels": self.channels, "dilations": list(self.dilations), "kernel": self.kernel,
+                  "relation": self.relation, "masked": self.masked, "first_task": self.first_task}
+        if self.patches:
+            config.update(patch_size=self.patch_size, patched_tasks=sorted(int(t) for t in self.patches))
+        return config
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, source: str = "checkpoint") -> "NextItNet":
@@ -169,6 +197,15 @@ class NextItNet(nn.Module):
         self.task_masks = new.to(old.task_embedding.device)
         self.heads.append(init_head(nn.Linear(self.channels, num_classes)).to(old.task_embedding.device))
 
+    def add_patches(self, task: int) -> None:
+        """Fresh model patches for task `task` (0-based), one per conv, on the model's device."""
+        device = self.item_embedding.weight.device
+        self.patches[str(task)] = nn.ModuleList(ModelPatch(self.channels, self.patch_size)
+                                                for _ in range(2 * len(self.blocks))).to(device)
+
+    def patches_of(self, task: int) -> nn.ModuleList | None:
+        return self.patches[str(task)] if str(task) in self.patches else None
+
     # ---- forward -----------------------------------------------------------------------
     def masks(self, s: float) -> torch.Tensor:
         """Every task's masks [T, M, C] at annealing scale s (all ones for an unmasked model),
@@ -181,11 +218,12 @@ class NextItNet(nn.Module):
     def convs(self) -> list[CausalConv1d]:
         return [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
 
-    def encode(self, seq: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, L, C] of item sequences [B, L] under per-row masks [B or 1, M, C]."""
+    def encode(self, seq: torch.Tensor, masks: torch.Tensor, patches: nn.ModuleList | None = None) -> torch.Tensor:
+        """Hidden states [B, L, C] of item sequences [B, L] under per-row masks [B or 1, M, C],
+        through one task's model `patches` if given."""
         x = self.item_embedding(seq)
         for b, block in enumerate(self.blocks):
-            x = block(x, masks[:, 2 * b], masks[:, 2 * b + 1])
+            x = block(x, masks[:, 2 * b], masks[:, 2 * b + 1], None if patches is None else patches[2 * b:2 * b + 2])
         return x
 
     def task_logits(self, seqs: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]],
@@ -203,8 +241,10 @@ class NextItNet(nn.Module):
         rows = [all_rows if r is None else torch.as_tensor(r, device=seqs.device, dtype=torch.long) for _, r in groups]
         if len(groups) == 1 and groups[0][1] is None:  # one task on every row: its mask, broadcast
             t = groups[0][0]
-            hidden = self.encode(seqs, masks[t:t + 1])
+            hidden = self.encode(seqs, masks[t:t + 1], self.patches_of(t))
         else:
+            if any(self.patches_of(t) is not None for t, _ in groups):
+                raise ValueError("rows of several tasks in one pass: model patches serve one task at a time")
             task_of_row = torch.cat([torch.full((len(r),), t, device=seqs.device) for (t, _), r in zip(groups, rows)])
             hidden = self.encode(seqs[torch.cat(rows)], masks.index_select(0, task_of_row))  # CUDA: deterministic only with --deterministic
         logits, start = [], 0
