@@ -82,7 +82,7 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--method", choices=list(METHODS), default="teracon", help="teracon, its ablations "
                    "teracon-nokr (alpha 0) and teracon-norel (plain masks), or a baseline on the same backbone: "
-                   "fineall, sinmo, hat, conure, peterrec; later tasks must use the method of task 1 (default %(default)s)")
+                   "fineall, sinmo, hat, conure, peterrec, piggyback; later tasks must use the method of task 1 (default %(default)s)")
     p.add_argument("--channels", type=int, default=CHANNELS, help="task 1 only: hidden size C; later tasks "
                    "take the checkpoint's (default %(default)s)")
     p.add_argument("--dilations", type=int, nargs="+", default=list(DILATIONS), help="task 1 only: one "
@@ -280,7 +280,8 @@ class TaskRun:
     def fit(self, epochs: int | None = None, phase: str = "train", summary: dict | None = None,
             resume: dict | None = None) -> dict:
         return train(self.model, self.step, self.data, self.config, self.device, self.save, self.method.hooks(),
-                     epochs=epochs, summary=summary, phase=phase, resume=resume, snapshot=self.snapshot)
+                     epochs=epochs, summary=summary, phase=phase, resume=resume, snapshot=self.snapshot,
+                     extra_params=self.method.parameters())
 
     def run(self) -> dict:
         """Fit (from the resumable state with --resume), then what the method does after the fit."""

@@ -12,6 +12,7 @@ each of its tasks. Adding a method means adding a class here and an entry in `ME
 - `hat`: Hard Attention to the Task (Serra et al., ICML 2018).
 - `conure`: CONURE (Yuan et al., SIGIR 2021): prune, retrain and freeze per task.
 - `peterrec`: PeterRec (Yuan et al., SIGIR 2020): the task-1 model frozen, per-task model patches.
+- `piggyback`: Piggyback (Mallya et al., ECCV 2018): the backbone frozen, per-task binary weight masks.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from nextitnet import NextItNet
+from nextitnet import PIGGYBACK_THRESHOLD, NextItNet
 from teracon import NewTaskStep, RetentionStep, Step, Task1Step
 from utils import UserError
 
@@ -83,6 +84,10 @@ class Teracon:
     def extras(self) -> dict:
         """The method's own checkpoint entries, computed at save time."""
         return {}
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Trained tensors the method keeps outside the model (default: none)."""
+        return []
 
     def state_dict(self) -> dict:
         """The method's own state that `--resume` must restore (default: none)."""
@@ -374,6 +379,85 @@ class PeterRec(Teracon):
             p.requires_grad_(True)
 
 
+class Piggyback(Teracon):
+    """Piggyback (Mallya, Davis, Lazebnik, ECCV 2018): the backbone is frozen after task 1; each
+    later task learns real-valued scores for every conv weight, initialised to 1e-2 and
+    thresholded at 5e-3 into a binary mask (`nextitnet.Binarize`, a straight-through gradient),
+    and runs with W * mask_t; it trains the scores and its head. The masks of every task are
+    stored in the checkpoint at one bit a weight (`piggyback_masks`: per later task, per conv,
+    np.packbits of the flattened mask). Our choices: the item embedding, conv biases and layer
+    norms stay frozen and unmasked (Piggyback masks the weights of its convolutions and linear
+    layers); the scores train with the task's --lr (Piggyback's paper used 1e-4 for them)."""
+    name = "piggyback"
+    masked = False
+    retention = False
+    SCORE_INIT = 1e-2
+
+    def prepare(self, model: NextItNet) -> None:
+        self.model, self.scores = model, []
+        if self.prev is None:
+            return
+        model.requires_grad_(False)
+        model.heads[-1].requires_grad_(True)
+        for conv in model.convs():
+            conv.scores = torch.full_like(conv.weight, self.SCORE_INIT).requires_grad_(True)
+            self.scores.append(conv.scores)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self.scores
+
+    def masks(self) -> list[torch.Tensor]:
+        """This task's binary masks (bool), one per conv."""
+        return [(s.detach() > PIGGYBACK_THRESHOLD).cpu() for s in self.scores]
+
+    def extras(self) -> dict:
+        if self.prev is None:
+            return {"piggyback_masks": []}
+        return {"piggyback_masks": self.prev["piggyback_masks"] + [[pack_bits(m) for m in self.masks()]]}
+
+    def state_dict(self) -> dict:
+        return {"scores": [s.detach().cpu() for s in self.scores]}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for s, saved in zip(self.scores, state["scores"]):
+                s.copy_(saved)
+
+    @classmethod
+    def checkpoint_problem(cls, ckpt: dict) -> str | None:
+        layout = conv_layout(ckpt)
+        if isinstance(layout, str):
+            return layout
+        layers, channels, kernel = layout
+        masks, size = ckpt.get("piggyback_masks"), (channels * channels * kernel + 7) // 8
+        if not (isinstance(masks, list) and len(masks) == len(ckpt["tasks"]) - 1 and all(
+                isinstance(task, list) and len(task) == layers and all(
+                    isinstance(m, torch.Tensor) and m.dtype == torch.uint8 and tuple(m.shape) == (size,) for m in task)
+                for task in masks)):
+            return (f"piggyback_masks is not {len(ckpt['tasks']) - 1} list(s) of {layers} packed masks of {size} bytes")
+        return None
+
+    @classmethod
+    def serve(cls, ckpt: dict, device: torch.device, source: str = "checkpoint") -> Iterator[tuple[NextItNet, int]]:
+        model = NextItNet.from_checkpoint(ckpt, source).to(device)
+        for head in range(len(ckpt["tasks"])):
+            for i, conv in enumerate(model.convs()):
+                conv.scores = None if head == 0 else unpack_bits(ckpt["piggyback_masks"][head - 1][i],
+                                                                 conv.weight.shape).to(device, conv.weight.dtype)
+            yield model, head
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor at one bit an element (uint8, flattened, zero-padded to whole bytes)."""
+    return torch.from_numpy(np.packbits(mask.flatten().numpy()))
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`pack_bits` undone: a bool tensor of `shape`."""
+    count = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool)).reshape(shape)
+
+
 @contextmanager
 def weights_of_task(model: NextItNet, owner: list[torch.Tensor], task: int) -> Iterator[None]:
     """Inside: every conv weight owned by a task after `task` (1-based) is zero."""
@@ -390,4 +474,4 @@ def weights_of_task(model: NextItNet, owner: list[torch.Tensor], task: int) -> I
 
 
 METHODS: dict[str, type[Teracon]] = {m.name: m for m in (Teracon, TeraconNoKR, TeraconNoRel, FineAll, SinMo, HAT, Conure,
-                                                         PeterRec)}
+                                                         PeterRec, Piggyback)}

@@ -18,6 +18,20 @@ DILATIONS = (1, 4, 1, 4, 1, 4, 1, 4)
 KERNEL = 3
 EMB_INIT = (0.0, 2.0)   # task embeddings ~ U(0, 2)
 EMB_CLAMP = 6.0         # |e_t| <= 6 after every step
+PIGGYBACK_THRESHOLD = 5e-3  # Piggyback (Mallya et al., ECCV 2018): a weight is kept where its score exceeds this
+
+
+class Binarize(torch.autograd.Function):
+    """Piggyback's mask: 1 where a score exceeds PIGGYBACK_THRESHOLD, else 0; the gradient passes
+    straight through to the scores (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        return (scores > PIGGYBACK_THRESHOLD).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 class CausalConv1d(nn.Conv1d):
@@ -25,13 +39,17 @@ class CausalConv1d(nn.Conv1d):
 
     The input is read through a transposed view [B, C, L] and the output is returned as one,
     so no copy of the k taps ([B, L, kC], the im2col of a GEMM formulation) is built or kept
-    for backward: the convolution saves only its padded input.
+    for backward: the convolution saves only its padded input. With `scores` set (Piggyback:
+    the real-valued scores of the task in use, a plain tensor, not a parameter of the conv), the
+    weight is W * Binarize(scores).
     """
+    scores: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, d = self.kernel_size[0], self.dilation[0]
-        xp = F.pad(x.transpose(1, 2), ((k - 1) * d, 0))                         # [B, C, (k-1)d + L]
-        return F.conv1d(xp, self.weight, self.bias, dilation=d).transpose(1, 2)  # [B, L, C_out]
+        weight = self.weight if self.scores is None else self.weight * Binarize.apply(self.scores)
+        xp = F.pad(x.transpose(1, 2), ((k - 1) * d, 0))                    # [B, C, (k-1)d + L]
+        return F.conv1d(xp, weight, self.bias, dilation=d).transpose(1, 2)  # [B, L, C_out]
 
 
 class ModelPatch(nn.Module):

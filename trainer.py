@@ -210,14 +210,16 @@ class Progress:
 def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, device: torch.device,
           save: Callable[..., None], hooks: Hooks | None = None, epochs: int | None = None,
           summary: dict | None = None, phase: str = "train", resume: dict | None = None,
-          snapshot: Callable[[Progress, torch.optim.Optimizer], None] | None = None) -> dict:
+          snapshot: Callable[[Progress, torch.optim.Optimizer], None] | None = None,
+          extra_params: list[torch.Tensor] = ()) -> dict:
     """Epochs with annealed s, early stopping on validation `--select_by` (SPEC 6: hit@1); `save(summary)`
     writes the checkpoint at the first epoch and at every improvement. `hooks.before_step(s)`
     and `hooks.after_step()` surround each optimiser step (HAT, CONURE); a second `phase`
     (CONURE's retraining) continues `summary`. `snapshot(progress, optimizer)` is called at the
     end of every epoch and every `config.save_every` steps; `resume` (a snapshot's progress and
-    optimiser state) continues a phase where it stopped."""
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config.lr, device)
+    optimiser state) continues a phase where it stopped. `extra_params`: trained tensors the
+    method keeps outside the model (Piggyback's scores)."""
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad] + list(extra_params), config.lr, device)
     rng = np.random.default_rng([config.seed, len(summary["epochs"]) if summary else 0])
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
