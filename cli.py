@@ -82,7 +82,7 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--method", choices=list(METHODS), default="teracon", help="teracon, its ablations "
                    "teracon-nokr (alpha 0) and teracon-norel (plain masks), or a baseline on the same backbone: "
-                   "fineall, sinmo, hat, conure, peterrec, piggyback; later tasks must use the method of task 1 (default %(default)s)")
+                   "fineall, sinmo, hat, conure, peterrec, piggyback, or the multi-task reference mtl; later tasks must use the method of task 1 (default %(default)s)")
     p.add_argument("--channels", type=int, default=CHANNELS, help="task 1 only: hidden size C; later tasks "
                    "take the checkpoint's (default %(default)s)")
     p.add_argument("--dilations", type=int, nargs="+", default=list(DILATIONS), help="task 1 only: one "

@@ -418,6 +418,20 @@ def batches(idx: np.ndarray, batch_size: int, rng: np.random.Generator | None = 
         yield idx[start:start + batch_size]
 
 
+def load_trained_task(entry: dict, items: np.ndarray | None) -> tuple[TaskData, np.ndarray]:
+    """Re-read the task a checkpoint entry describes exactly as its training run did (same file,
+    byte for byte, seed and split); task 1 also rebuilds the item index, later tasks take `items`."""
+    path = entry["file"]
+    if not Path(path).is_file():
+        raise UserError(f"{path}: task {entry['task']} data file not found (run from the training folder)")
+    if sha256_file(path) != entry["file_sha256"]:
+        raise UserError(f"{path}: file changed since task {entry['task']} was trained (sha256 differs)")
+    if entry["task"] == 1:
+        return load_task1(path, entry["seed"], split_by=entry["split_by"])
+    return load_task(entry["task"], path, items, entry["seed"], entry["split_by"], entry["name"]), items
+
+
+
 # ------------------------------------------------------------------------------ manifest
 
 def load_manifest(dataset: str, root: str | Path = DATA_ROOT) -> dict:

@@ -16,21 +16,9 @@ import data_loader as dl
 from checkpoint import load_checkpoint, require_finished, smax_of, summary_path
 from methods import METHODS
 from trainer import evaluate
-from utils import UserError, atomic_write_json, check_outputs, clip, resolve_device, run_cli, sha256_file
+from utils import UserError, atomic_write_json, check_outputs, clip, resolve_device, run_cli
 
 log = logging.getLogger("teracon")
-
-
-def load_task_data(entry: dict, items: np.ndarray | None) -> tuple[dl.TaskData, np.ndarray]:
-    """Re-read a task's file exactly as its training run did (same seed and split)."""
-    path = entry["file"]
-    if not Path(path).is_file():
-        raise UserError(f"{path}: task {entry['task']} data file not found (run from the training folder)")
-    if sha256_file(path) != entry["file_sha256"]:
-        raise UserError(f"{path}: file changed since task {entry['task']} was trained (sha256 differs)")
-    if entry["task"] == 1:
-        return dl.load_task1(path, entry["seed"], split_by=entry["split_by"])
-    return dl.load_task(entry["task"], path, items, entry["seed"], entry["split_by"], entry["name"]), items
 
 
 def evaluate_checkpoint(path: str | Path, device_name: str = "auto", split: str = "test",
@@ -46,7 +34,7 @@ def evaluate_checkpoint(path: str | Path, device_name: str = "auto", split: str 
         raise UserError(f"{path}: made by an unknown method {clip(str(ckpt.get('method')))}")
     rows, items = [], None
     for entry, (model, head) in zip(ckpt["tasks"], method.serve(ckpt, device, str(path))):
-        data, items = load_task_data(entry, items)
+        data, items = dl.load_trained_task(entry, items)
         if entry["task"] == 1 and dl.index_checksum(items) != ckpt["item_index"]["checksum"]:
             raise UserError(f"{entry['file']}: its item index differs from the checkpoint's")
         if data.num_classes != entry["num_classes"]:

@@ -13,6 +13,7 @@ each of its tasks. Adding a method means adding a class here and an entry in `ME
 - `conure`: CONURE (Yuan et al., SIGIR 2021): prune, retrain and freeze per task.
 - `peterrec`: PeterRec (Yuan et al., SIGIR 2020): the task-1 model frozen, per-task model patches.
 - `piggyback`: Piggyback (Mallya et al., ECCV 2018): the backbone frozen, per-task binary weight masks.
+- `mtl`: multi-task learning, the reference that trains every task jointly (not continual).
 """
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+import data_loader as dl
+import distributed
 from nextitnet import PIGGYBACK_THRESHOLD, NextItNet
-from teracon import NewTaskStep, RetentionStep, Step, Task1Step
+from teracon import NewTaskStep, RetentionStep, Step, Task1Step, next_item_loss
 from utils import UserError
 
 
@@ -458,6 +462,106 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool)).reshape(shape)
 
 
+class MTL(Teracon):
+    """Multi-task learning: the reference that sees every task at once, not a continual method.
+    At task n one backbone starts again from the task-1 model and, with fresh heads for tasks
+    2..n and task 1's own, trains on the training data of tasks 1..n jointly (`JointStep`: each
+    step adds one batch of every earlier task to the newest task's batch, the losses summed; an
+    epoch lasts until every task's training split has been seen once). Model selection on the
+    newest task's validation metric, as for every method. The task-1 weights it restarts from
+    travel in every later checkpoint (`mtl_start`)."""
+    name = "mtl"
+    masked = False
+    retention = False
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace) -> None:
+        if distributed.env_shard().parallel:
+            raise UserError("--method mtl: not available under torchrun yet (its joint batches are not split "
+                            "across ranks); run it in one process")
+
+    def start(self) -> dict:
+        """The task-1 model (config and weights) every task n restarts from."""
+        return self.prev.get("mtl_start") or {"config": self.prev["config"], "state_dict": self.prev["state_dict"]}
+
+    def build(self, num_items: int, num_classes: int) -> tuple[NextItNet, NextItNet | None]:
+        if self.prev is None:
+            return self.fresh_model(num_items, num_classes), None
+        model = NextItNet.from_checkpoint(self.start(), self.args.paths)
+        for entry in self.prev["tasks"][1:]:
+            model.add_task(entry["num_classes"])
+        model.add_task(num_classes)
+        return model, None
+
+    def step(self, model: NextItNet, teacher: NextItNet | None) -> Step:
+        if self.task == 1:
+            return Task1Step(model, self.args.mask_reg)
+        earlier, items = [], None
+        for entry in self.prev["tasks"]:  # every earlier task's data, exactly as it was trained
+            data, items = dl.load_trained_task(entry, items)
+            earlier.append(data)
+        return JointStep(model, earlier, np.random.default_rng([self.args.seed, 3]), self.args.batch)
+
+    def extras(self) -> dict:
+        return {} if self.prev is None else {"mtl_start": self.start()}
+
+    @classmethod
+    def checkpoint_problem(cls, ckpt: dict) -> str | None:
+        start = ckpt.get("mtl_start")
+        if len(ckpt["tasks"]) > 1 and not (isinstance(start, dict) and isinstance(start.get("config"), dict)
+                                           and isinstance(start.get("state_dict"), dict)):
+            return "mtl_start is not a {config, state_dict} dict"
+        return None
+
+
+class JointStep(Step):
+    """MTL's step: the newest task's cross-entropy on the batch plus, for every earlier task i
+    (head i), its loss on the next batch of its own shuffled training split (task 1: the
+    next-item loss on every position), all summed. Each earlier split is cycled in a fresh
+    random order, batch by batch (the last batch of a pass partial)."""
+
+    def __init__(self, model: NextItNet, earlier: list[dl.TaskData], rng: np.random.Generator, batch: int):
+        self.model, self.earlier, self.rng, self.batch = model, earlier, rng, batch
+        self.orders = [np.zeros(0, dtype=np.int64) for _ in earlier]
+        self.cursors = [0] * len(earlier)
+
+    def next_rows(self, i: int) -> np.ndarray:
+        if self.cursors[i] >= len(self.orders[i]):
+            self.orders[i], self.cursors[i] = self.rng.permutation(self.earlier[i].splits["train"]), 0
+        rows = self.orders[i][self.cursors[i]:self.cursors[i] + self.batch]
+        self.cursors[i] += len(rows)
+        return rows
+
+    def epoch_batches(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """The newest task's batches, cycled until the largest earlier split fits in the epoch."""
+        need = max([len(batches)] + [-(-len(d.splits["train"]) // self.batch) for d in self.earlier])
+        return [batches[b % len(batches)] for b in range(need)] if batches else batches
+
+    def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
+        masks = self.model.masks(s)  # all ones: MTL has no task masks
+        [logits] = self.model.task_logits(src, [(self.model.num_tasks - 1, None)], masks)
+        loss = F.cross_entropy(logits, tgt)
+        for i, data in enumerate(self.earlier):
+            seqs, targets = data.batch(self.next_rows(i), src.device)
+            if data.task == 1:
+                hidden = self.model.encode(seqs[:, :-1], masks[:1])
+                loss = loss + next_item_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.heads[0],
+                                             seqs[:, 1:].reshape(-1))
+            else:
+                [other] = self.model.task_logits(seqs, [(i, None)], masks)
+                loss = loss + F.cross_entropy(other, targets)
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "orders": [torch.from_numpy(o) for o in self.orders],
+                "cursors": list(self.cursors)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.orders = [o.numpy() for o in state["orders"]]
+        self.cursors = list(state["cursors"])
+
+
 @contextmanager
 def weights_of_task(model: NextItNet, owner: list[torch.Tensor], task: int) -> Iterator[None]:
     """Inside: every conv weight owned by a task after `task` (1-based) is zero."""
@@ -474,4 +578,4 @@ def weights_of_task(model: NextItNet, owner: list[torch.Tensor], task: int) -> I
 
 
 METHODS: dict[str, type[Teracon]] = {m.name: m for m in (Teracon, TeraconNoKR, TeraconNoRel, FineAll, SinMo, HAT, Conure,
-                                                         PeterRec, Piggyback)}
+                                                         PeterRec, Piggyback, MTL)}

@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 
 import data_loader as dl
-from evaluate import load_task_data
 from checkpoint import load_checkpoint
 from utils import metrics_from_ranks
 
@@ -61,7 +60,7 @@ def reference_rows(checkpoint: str) -> list[dict]:
     """The reference's test metrics for every task a checkpoint knows, on its recorded split."""
     rows, items = [], None
     for entry in load_checkpoint(checkpoint)["tasks"]:
-        data, items = load_task_data(entry, items)
+        data, items = dl.load_trained_task(entry, items)
         rows.append({"task": entry["task"], "name": entry["name"], "metric": entry["metric"],
                      "test": reference_metrics(data)})
     return rows

@@ -94,6 +94,10 @@ class Step:
         loss.backward()  # unconditionally: no host sync here; train_step discards a non-finite step
         return loss.detach()
 
+    def epoch_batches(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """An epoch's batches of the task's training split (default: as they are; MTL lengthens it)."""
+        return batches
+
     def state_dict(self) -> dict:
         """What `--resume` must restore to continue this step exactly (default: nothing)."""
         return {}

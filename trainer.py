@@ -241,6 +241,7 @@ def train(model: NextItNet, step: Step, data: dl.TaskData, config: TrainConfig, 
         epoch, start = progress.epoch, time.time() - progress.seconds
         rng.bit_generator.state = progress.epoch_rng
         batches = list(dl.batches(train_idx, config.batch, rng, config.drop_last))
+        batches = step.epoch_batches(batches)
         if config.limit_batches:
             batches = batches[:config.limit_batches]
         model.train()
