@@ -5,10 +5,15 @@ the click target and the class label are functions of the last item of the sourc
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
 import os
+import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +83,47 @@ def run_script(script: str, *args: str, cwd: Path | str | None = None, timeout: 
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **env} if env else None)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def run_script_in_process(script: str, *args: str, cwd: Path | str | None = None) -> tuple[int, str, str]:
+    """`run_script` without the new interpreter: runs the script file as `__main__` (its own
+    `if __name__ == "__main__"` block, so `utils.run_cli`'s error handling included) with
+    `sys.argv` set, in `cwd`, and returns (exit status, stdout, stderr) as the process would:
+    stdout and stderr are captured, log records go to stderr as `logging.basicConfig` sends
+    them (INFO and up), Python warnings are printed to stderr under the interpreter's default
+    filters. An exception that would have ended the process with a traceback propagates.
+    Saves the ~2.5 s that each new interpreter spends importing torch."""
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    saved_level, saved_argv, saved_cwd = root.level, sys.argv, os.getcwd()
+    rc = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.resetwarnings()
+        for action, category in (("ignore", DeprecationWarning), ("ignore", PendingDeprecationWarning),
+                                 ("ignore", ImportWarning), ("ignore", ResourceWarning)):
+            warnings.simplefilter(action, category)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        sys.argv = [str(ROOT / script), *map(str, args)]
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                err.write(e.code + "\n")
+        finally:
+            os.chdir(saved_cwd)
+            sys.argv = saved_argv
+            root.removeHandler(handler)
+            root.setLevel(saved_level)
+    return rc, out.getvalue(), err.getvalue()
 
 
 def file_hashes(folder: Path) -> dict[str, str]:

@@ -1,9 +1,18 @@
-"""End to end through the scripts (subprocesses, CPU, tiny synthetic data, full-size model).
+"""End to end through the scripts (CPU, tiny synthetic data, a small model).
 
-Sequence A: train_task1.py -> train_teracon_t2.py -> train_teracon_t3.py -> evaluate.py.
+Sequence A: train_task1.py -> train_teracon_t2.py -> train_teracon_t3.py -> evaluate.py, each a
+real subprocess (the one end-to-end run of each script through a new interpreter).
 Sequence B: the same flags and seed in another folder, task 2 through the general entry point
-`train_teracon.py --task 2`: its results must equal A's (determinism on CPU, and the general
-entry point runs the same training).
+`train_teracon.py --task 2`, each script run as `__main__` in this process
+(`helpers.run_script_in_process`): its results must equal A's (determinism on CPU, across
+processes, and the general entry point runs the same training). Both sequences use one CPU
+thread (A: OMP_NUM_THREADS=1, B: torch.set_num_threads(1)): float reductions depend on the
+thread count, and the claim is about seeds, not threads.
+
+The bad-input cases run the scripts as `__main__` in this process too: `utils.run_cli`'s
+`error:` line and exit status are the same code either way (one real subprocess per error path
+is kept: `reproduce.py` here, train_teracon_t2.py in test_baselines, evaluate.py in
+test_reliability, prepare_data.py in test_prepare_data).
 """
 from __future__ import annotations
 
@@ -15,11 +24,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (file_hashes, run_script, write_task1, write_task_classes, write_task_ranking)
+from helpers import (file_hashes, run_script, run_script_in_process, write_task1, write_task_classes,
+                     write_task_ranking)
 import data_loader as dl
 
 LINES = 80
 FAST = ["--epochs", "2", "--batch", "32", "--eval_batch", "64", "--quiet", "--device", "cpu", "--seed", "0"]
+SMALL = ["--channels", "16", "--dilations", "1", "2"]  # task 1's model; later tasks take the checkpoint's
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +48,36 @@ def data(tmp_path_factory):
     return files
 
 
-def run_sequence(data, out: Path, task2_script: str, task2_extra: tuple = (), evaluate: bool = True) -> dict:
+def run_sequence(data, out: Path, task2_script: str, task2_extra: tuple = (), evaluate: bool = True,
+                 in_process: bool = False) -> dict:
+    """Tasks 1-3 (and evaluate.py) in `out`, one thread: subprocesses, or (`in_process`) each
+    script run as `__main__` in this process."""
     out.mkdir(parents=True, exist_ok=True)
     index = out / "index.json"
     res = {"dir": out, "index": index}
-    rc, so, se = run_script("train_task1.py", "--datapath", data["t1"], "--datapath_index", index,
-                            "--savepath", out / "task1", *FAST, cwd=out)
+    if in_process:
+        def run(script, *args, cwd):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return run_script_in_process(script, *args, cwd=cwd)
+            finally:
+                torch.set_num_threads(threads)
+    else:
+        def run(script, *args, cwd):
+            return run_script(script, *args, cwd=cwd, env=ONE_THREAD)
+    rc, so, se = run("train_task1.py", "--datapath", data["t1"], "--datapath_index", index,
+                     "--savepath", out / "task1", *FAST, *SMALL, cwd=out)
     assert rc == 0, se
-    rc, so, se = run_script(task2_script, *task2_extra, "--datapath", data["t2"], "--datapath_index", index,
-                            "--savepath", out / "task2", "--paths", out / "task1.pt", *FAST, cwd=out)
+    rc, so, se = run(task2_script, *task2_extra, "--datapath", data["t2"], "--datapath_index", index,
+                     "--savepath", out / "task2", "--paths", out / "task1.pt", *FAST, cwd=out)
     assert rc == 0, se
-    rc, so, se = run_script("train_teracon_t3.py", "--datapath", data["t3"], "--datapath_index", index,
-                            "--savepath", out / "task3", "--paths", out / "task2.pt", *FAST, cwd=out)
+    rc, so, se = run("train_teracon_t3.py", "--datapath", data["t3"], "--datapath_index", index,
+                     "--savepath", out / "task3", "--paths", out / "task2.pt", *FAST, cwd=out)
     assert rc == 0, se
     if evaluate:
-        rc, so, se = run_script("evaluate.py", "--paths", out / "task3.pt", "--json", out / "eval.json",
-                                "--device", "cpu", "--eval_batch", "64", cwd=out)
+        rc, so, se = run("evaluate.py", "--paths", out / "task3.pt", "--json", out / "eval.json",
+                         "--device", "cpu", "--eval_batch", "64", cwd=out)
         assert rc == 0, se
         res["eval_stdout"] = so
         res["eval"] = json.loads((out / "eval.json").read_text())
@@ -67,7 +93,8 @@ def seq_a(data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seq_b(data, tmp_path_factory):
-    return run_sequence(data, tmp_path_factory.mktemp("seq_b"), "train_teracon.py", ("--task", "2"), evaluate=False)
+    return run_sequence(data, tmp_path_factory.mktemp("seq_b"), "train_teracon.py", ("--task", "2"), evaluate=False,
+                        in_process=True)
 
 
 def load_ckpt(path: Path) -> dict:
@@ -126,8 +153,9 @@ def test_evaluate_reports_all_tasks_and_matches_best_epoch_test(seq_a):
 
 
 def test_same_seed_gives_identical_metrics_and_general_entry_point(seq_a, seq_b):
-    """Running the sequence again with the same seed (task 2 via `train_teracon.py --task 2`)
-    gives identical per-epoch losses, validation and test metrics on CPU."""
+    """Running the sequence again with the same seed (task 2 via `train_teracon.py --task 2`,
+    in this process rather than in new ones) gives identical per-epoch losses, validation and
+    test metrics on CPU."""
     for t in (1, 2, 3):
         a, b = seq_a[f"summary{t}"], seq_b[f"summary{t}"]
         assert b["task"]["task"] == t and b["task"]["num_classes"] == a["task"]["num_classes"]
@@ -237,7 +265,7 @@ def test_bad_input_is_one_error_line_and_leaves_files_untouched(seq_a, data, cas
     script, args, needles = bad_cases(data, out)[case]
     before = file_hashes(out)
     assert {"task1.pt", "task1.json", "task2.pt", "task3.pt", "index.json"} <= set(before)
-    rc, so, se = run_script(script, *args, cwd=out)
+    rc, so, se = run_script_in_process(script, *args, cwd=out)
     assert_user_error(rc, se, *needles)
     assert file_hashes(out) == before
 
@@ -246,8 +274,8 @@ def test_too_few_examples_error_states_a_sufficient_minimum(tmp_path):
     """A file with too few examples for the 80/5/15 split is refused (exit 2, error line naming
     the file); a file with as many examples as the message asks for then trains."""
     small = write_task1(tmp_path / "small.csv", lines=4)
-    rc, so, se = run_script("train_task1.py", "--datapath", small, "--datapath_index", tmp_path / "i.json",
-                            "--savepath", tmp_path / "task1", *FAST, cwd=tmp_path)
+    rc, so, se = run_script_in_process("train_task1.py", "--datapath", small, "--datapath_index", tmp_path / "i.json",
+                                       "--savepath", tmp_path / "task1", *FAST, *SMALL, cwd=tmp_path)
     last = se.strip().splitlines()[-1]
     assert rc == 2 and last.startswith("error:") and "Traceback" not in se and str(small) in last
     assert not (tmp_path / "task1.pt").exists()
@@ -255,8 +283,9 @@ def test_too_few_examples_error_states_a_sufficient_minimum(tmp_path):
     assert m, last
     need = int(m.group(1))
     enough = write_task1(tmp_path / "enough.csv", lines=need)
-    rc, so, se = run_script("train_task1.py", "--datapath", enough, "--datapath_index", tmp_path / "i.json",
-                            "--savepath", tmp_path / "task1", *FAST, "--epochs", "1", cwd=tmp_path)
+    rc, so, se = run_script_in_process("train_task1.py", "--datapath", enough, "--datapath_index",
+                                       tmp_path / "i.json", "--savepath", tmp_path / "task1", *FAST, *SMALL,
+                                       "--epochs", "1", cwd=tmp_path)
     assert rc == 0, f"{need} examples, as the error asked, are refused: {se.strip().splitlines()[-1]}"
 
 
@@ -265,8 +294,9 @@ def test_a_diverging_run_is_an_error_not_a_score(tmp_path):
     epoch, never with a finished run whose NaN scores would count as hits (a checkpoint of an
     earlier, finite epoch stays marked unfinished, so the next task refuses it)."""
     t1 = write_task1(tmp_path / "t1.csv", lines=60)
-    rc, so, se = run_script("train_task1.py", "--datapath", t1, "--datapath_index", tmp_path / "i.json",
-                            "--savepath", tmp_path / "task1", *FAST, "--lr", "1e30", "--epochs", "2", cwd=tmp_path)
+    rc, so, se = run_script_in_process("train_task1.py", "--datapath", t1, "--datapath_index", tmp_path / "i.json",
+                                       "--savepath", tmp_path / "task1", *FAST, *SMALL, "--lr", "1e30", "--epochs", "2",
+                                       cwd=tmp_path)
     line = se.strip().splitlines()[-1]
     assert rc == 2 and "Traceback" not in se, se
     assert re.match(r"error: task 1 epoch \d+: .*non-finite", line), line
@@ -274,10 +304,11 @@ def test_a_diverging_run_is_an_error_not_a_score(tmp_path):
         assert json.loads((tmp_path / "task1.json").read_text())["finished"] is False
 
 
-@pytest.mark.parametrize("args, needle", [(["--max_epochs", "0"], "--max_epochs 0: must be an integer of at least 1"),
-                                          (["--max_epochs", "-1"], "--max_epochs -1"),
-                                          (["--seeds", "0", "-1"], "--seeds -1")])
-def test_reproduce_flags_name_themselves(tmp_path, args, needle):
-    rc, so, se = run_script("reproduce.py", "--out", tmp_path, *args, cwd=tmp_path)
+@pytest.mark.parametrize("runner, args, needle", [
+    (run_script, ["--max_epochs", "0"], "--max_epochs 0: must be an integer of at least 1"),  # a real process
+    (run_script_in_process, ["--max_epochs", "-1"], "--max_epochs -1"),
+    (run_script_in_process, ["--seeds", "0", "-1"], "--seeds -1")], ids=["max_epochs_0", "max_epochs_-1", "seeds_-1"])
+def test_reproduce_flags_name_themselves(tmp_path, runner, args, needle):
+    rc, so, se = runner("reproduce.py", "--out", tmp_path, *args, cwd=tmp_path)
     assert_user_error(rc, se, needle)
     assert list(tmp_path.iterdir()) == []
