@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import data_loader as dl
-from methods import METHODS
+from methods import METHODS, LayoutError
 from utils import UserError, atomic_torch_save, clip, library_versions, read_json, require_file
 
 log = logging.getLogger("teracon")
@@ -109,7 +109,10 @@ def extras_problem(ckpt: dict) -> str | None:
     """What is wrong with the method's own entries (HAT's cumulative mask, CONURE's owners, ...),
     as the method's class judges them, or None (an unknown method is judged where it is served)."""
     method = METHODS.get(ckpt.get("method", "teracon"))
-    return method.checkpoint_problem(ckpt) if method else None
+    try:
+        return method.checkpoint_problem(ckpt) if method else None
+    except LayoutError as e:
+        return str(e)
 
 
 def upgrade(ckpt: dict) -> dict:

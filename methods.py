@@ -103,7 +103,8 @@ class Teracon:
     # ---- its checkpoint entries --------------------------------------------------------
     @classmethod
     def checkpoint_problem(cls, ckpt: dict) -> str | None:
-        """What is wrong with the method's own entries of a checkpoint (`extras`), or None."""
+        """What is wrong with the method's own entries of a checkpoint (`extras`), or None (a
+        config without a conv layout raises `LayoutError`)."""
         return None
 
     @classmethod
@@ -238,10 +239,7 @@ class HAT(Teracon):
 
     @classmethod
     def checkpoint_problem(cls, ckpt: dict) -> str | None:
-        layout = conv_layout(ckpt)
-        if isinstance(layout, str):
-            return layout
-        layers, channels, _ = layout
+        layers, channels, _ = conv_layout(ckpt)
         cumulative = ckpt.get("hat_cumulative")
         if not isinstance(cumulative, torch.Tensor) or tuple(cumulative.shape) != (layers, channels):
             return f"hat_cumulative is not a [{layers}, {channels}] tensor"
@@ -314,10 +312,7 @@ class Conure(Teracon):
 
     @classmethod
     def checkpoint_problem(cls, ckpt: dict) -> str | None:
-        layout = conv_layout(ckpt)
-        if isinstance(layout, str):
-            return layout
-        layers, channels, kernel = layout
+        layers, channels, kernel = conv_layout(ckpt)
         owner = ckpt.get("conure_owner")
         if not (isinstance(owner, list) and len(owner) == layers and all(
                 isinstance(o, torch.Tensor) and tuple(o.shape) == (channels, channels, kernel) for o in owner)):
@@ -348,12 +343,16 @@ class Conure(Teracon):
                 yield model, head
 
 
-def conv_layout(ckpt: dict) -> tuple[int, int, int] | str:
-    """(masked layers, channels, kernel) of a checkpoint's backbone, or what is wrong with its config."""
+class LayoutError(ValueError):
+    """A checkpoint config without the conv layout a method's entries are checked against."""
+
+
+def conv_layout(ckpt: dict) -> tuple[int, int, int]:
+    """(masked layers, channels, kernel) of a checkpoint's backbone."""
     try:
         return 2 * len(ckpt["config"]["dilations"]), int(ckpt["config"]["channels"]), int(ckpt["config"].get("kernel", 3))
     except (KeyError, TypeError, ValueError):
-        return "config lacks channels or dilations"
+        raise LayoutError("config lacks channels or dilations") from None
 
 
 class PeterRec(Teracon):
@@ -429,10 +428,7 @@ class Piggyback(Teracon):
 
     @classmethod
     def checkpoint_problem(cls, ckpt: dict) -> str | None:
-        layout = conv_layout(ckpt)
-        if isinstance(layout, str):
-            return layout
-        layers, channels, kernel = layout
+        layers, channels, kernel = conv_layout(ckpt)
         masks, size = ckpt.get("piggyback_masks"), (channels * channels * kernel + 7) // 8
         if not (isinstance(masks, list) and len(masks) == len(ckpt["tasks"]) - 1 and all(
                 isinstance(task, list) and len(task) == layers and all(

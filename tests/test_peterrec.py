@@ -13,31 +13,34 @@ import cli
 from evaluate import evaluate_checkpoint
 from nextitnet import ModelPatch
 
-TINY = ["--device", "cpu", "--seed", "0", "--quiet", "--method", "peterrec", "--eval_batch", "64"]
-
-
 def weights(path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """Tasks 1-3 with peterrec (C 8, patches of width 3), one thread."""
-    d = tmp_path_factory.mktemp("peterrec")
+def train_chain(d, method: str, *taskn: str) -> None:
+    """Tasks 1-3 of `method` into folder `d` (C 8, dilations 1 2, one thread): task 1 one epoch,
+    tasks 2 and 3 with the `taskn` flags."""
     t1, t2, t3 = (helpers.write_task1(d / "t1.csv", lines=60), helpers.write_task_ranking(d / "t2.csv", lines=60),
                   helpers.write_task_classes(d / "t3.csv", lines=60))
+    common = ["--datapath_index", str(d / "index.json"), "--device", "cpu", "--seed", "0", "--quiet",
+              "--method", method, "--eval_batch", "64"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        common = ["--datapath_index", str(d / "index.json"), *TINY]
         cli.main(["--datapath", str(t1), "--savepath", str(d / "task1"), "--channels", "8", "--dilations", "1", "2",
                   "--epochs", "1", "--batch", "16", *common], task=1)
         for task, data in ((2, t2), (3, t3)):
             cli.main(["--datapath", str(data), "--savepath", str(d / f"task{task}"), "--paths",
-                      str(d / f"task{task - 1}.pt"), "--epochs", "2", "--batch", "16", "--lr", "1e-2",
-                      "--patch_size", "3", *common], task=task)
+                      str(d / f"task{task - 1}.pt"), "--batch", "16", "--lr", "1e-2", *taskn, *common], task=task)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Tasks 1-3 with peterrec, patches of width 3."""
+    d = tmp_path_factory.mktemp("peterrec")
+    train_chain(d, "peterrec", "--epochs", "2", "--patch_size", "3")
     return d
 
 

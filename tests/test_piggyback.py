@@ -5,36 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-import helpers
-
 import cli
 from checkpoint import load_checkpoint
 from evaluate import evaluate_checkpoint
 from methods import pack_bits, unpack_bits
 from nextitnet import PIGGYBACK_THRESHOLD, Binarize, CausalConv1d
+from test_peterrec import train_chain
 from utils import UserError
-
-TINY = ["--device", "cpu", "--seed", "0", "--quiet", "--method", "piggyback", "--eval_batch", "64"]
-
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """Tasks 1-3 with piggyback (C 8), one thread; lr 1e-2 so that scores cross the threshold."""
+    """Tasks 1-3 with piggyback; lr 1e-2 so that scores cross the threshold."""
     d = tmp_path_factory.mktemp("piggyback")
-    t1, t2, t3 = (helpers.write_task1(d / "t1.csv", lines=60), helpers.write_task_ranking(d / "t2.csv", lines=60),
-                  helpers.write_task_classes(d / "t3.csv", lines=60))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        common = ["--datapath_index", str(d / "index.json"), *TINY]
-        cli.main(["--datapath", str(t1), "--savepath", str(d / "task1"), "--channels", "8", "--dilations", "1", "2",
-                  "--epochs", "1", "--batch", "16", *common], task=1)
-        for task, data in ((2, t2), (3, t3)):
-            cli.main(["--datapath", str(data), "--savepath", str(d / f"task{task}"), "--paths",
-                      str(d / f"task{task - 1}.pt"), "--epochs", "3", "--batch", "16", "--lr", "1e-2", *common],
-                     task=task)
-    finally:
-        torch.set_num_threads(threads)
+    train_chain(d, "piggyback", "--epochs", "3")
     return d
 
 
