@@ -5,7 +5,10 @@ checkpoint of every method that the code before it (commit a7139dd) gave.
 (plus `hat_cumulative` for hat; CONURE's owners, then conv buffers, as the state_dict keys
 `blocks.{b}.conv{1,2}.owner`) and `cpu_capability`, the torch CPU capability of the machine
 that made it, with one CPU thread (OMP_NUM_THREADS=1: float reductions depend on the number of
-threads). The recipe is run again here through the real scripts (subprocesses), one thread too.
+threads). The recipe is run again here through the real scripts, each run as `__main__` in this
+process (`helpers.run_script_in_process`: the same argv, `run_cli` and exit status as a new
+interpreter, without its torch import), with one thread too (`torch.set_num_threads(1)`,
+restored afterwards).
 """
 from __future__ import annotations
 
@@ -14,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_script, write_task1, write_task_classes, write_task_ranking
+from helpers import run_script_in_process, write_task1, write_task_classes, write_task_ranking
 from checkpoint import load_checkpoint
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "pre_redesign.pt"
 METHODS = ("teracon", "teracon-nokr", "teracon-norel", "fineall", "sinmo", "hat", "conure")
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # as the fixture was made
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,14 @@ def run_recipe(data: dict, method: str, out: Path) -> dict:
                                       out / "task1.pt", "--min_retention_rows", "0"]),
              ("train_teracon_t3.py", ["--datapath", data["t3"], "--savepath", out / "task3", "--paths",
                                       out / "task2.pt"])]
-    for script, flags in steps:
-        rc, _, err = run_script(script, *common, *flags, env=ONE_THREAD)
-        assert rc == 0, f"{script} --method {method}: {err}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the fixture was made (OMP_NUM_THREADS=1)
+    try:
+        for script, flags in steps:
+            rc, _, err = run_script_in_process(script, *common, *flags)
+            assert rc == 0, f"{script} --method {method}: {err}"
+    finally:
+        torch.set_num_threads(threads)
     return load_checkpoint(out / "task3.pt")
 
 
