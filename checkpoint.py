@@ -121,10 +121,11 @@ def upgrade(ckpt: dict) -> dict:
     (`upgrade_checkpoint`: CONURE's weight owners, SinMo's `first_task`)."""
     if ckpt.get("format") != "teracon/1":
         return ckpt
+    owned = bool(ckpt["config"].get("owned"))  # teracon/1's mark of a model whose convs own their weights
     ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k != "owned"}
     for member in ckpt.get("members", []):
         member["config"] = {k: v for k, v in member["config"].items() if k != "owned"}
-    method = METHODS.get(ckpt.get("method", "teracon"))
+    method = METHODS.get(ckpt.get("method") or ("conure" if owned else "teracon"))
     if method:
         method.upgrade_checkpoint(ckpt)
     ckpt["format"] = FORMAT

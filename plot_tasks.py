@@ -11,6 +11,10 @@
   forgotten), with the raw value in each cell; from `matrix.json` (written by reproduce.py) or
   else by evaluating the run's checkpoints task1.pt, task2.pt, ...
 
+- `curves.png`: per task (one column each), the training loss, the validation main metric,
+  the range of s (eq. 19) and rho of every past task (eq. 15, the epoch's mean) per epoch,
+  from the run's task<N>.json; the best epoch is marked. The numbers are in curves.csv.
+
 The numbers are also written as CSV (forgetting.csv raw, forgetting_relative.csv relative).
 Needs matplotlib for the PNGs (`pip install matplotlib`).
 """
@@ -80,6 +84,85 @@ def relative_to_first(table: np.ndarray) -> np.ndarray:
         return np.where(diag > 0, table / diag, np.nan)
 
 
+CURVE_COLUMNS = ("task", "name", "epoch", "phase", "train_loss", "valid_metric", "valid", "s_min", "s_max",
+                 "rho_mean", "best")
+
+
+def curves(run: Path) -> list[dict]:
+    """One row per task and epoch of the run's task<N>.json: loss, validation main metric, s range,
+    each past task's mean rho (';'-joined; empty without retention), and whether it was the best."""
+    rows = []
+    for ckpt in run_checkpoints(run):
+        summary = read_json(ckpt.with_suffix(".json"), "run summary")
+        metric = MAIN_METRIC[summary["task"]["metric"]]
+        for e in summary["epochs"]:
+            d = e.get("diagnostics", {})
+            rows.append({"task": summary["task"]["task"], "name": summary["task"]["name"], "epoch": e["epoch"],
+                         "phase": e.get("phase", "train"), "train_loss": e["train_loss"],
+                         "valid_metric": metric, "valid": e["valid"].get(metric, float("nan")),
+                         "s_min": d.get("s_min", float("nan")), "s_max": d.get("s_max", float("nan")),
+                         "rho_mean": d.get("rho_mean", []), "best": e["epoch"] == summary.get("best_epoch")})
+    return rows
+
+
+def curves_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CURVE_COLUMNS)
+    for r in rows:
+        w.writerow([r["task"], r["name"], r["epoch"], r["phase"], f"{r['train_loss']:.6f}", r["valid_metric"],
+                    f"{r['valid']:.6f}", f"{r['s_min']:.6g}", f"{r['s_max']:.6g}",
+                    ";".join(f"{x:.6f}" for x in r["rho_mean"]), int(r["best"])])
+    return buf.getvalue()
+
+
+def draw_curves(rows: list[dict], method: str, path: Path) -> None:
+    """A grid: one column per task; rows loss, validation metric, s range, rho per past task."""
+    plt = pyplot()
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(4, len(tasks), figsize=(2.6 * len(tasks) + 1, 8.5), squeeze=False)
+    for j, task in enumerate(tasks):
+        mine = [r for r in rows if r["task"] == task]
+        x = list(range(1, len(mine) + 1))  # epochs in order (CONURE's retraining continues the count)
+        best = [i for i, r in enumerate(mine) if r["best"]]
+        axes[0, j].plot(x, [r["train_loss"] for r in mine], marker=".")
+        axes[0, j].set_title(f"task {task} ({mine[0]['name']})", fontsize=9)
+        axes[1, j].plot(x, [r["valid"] for r in mine], marker=".", color="tab:green")
+        for i in best:
+            axes[1, j].plot(x[i], mine[i]["valid"], "r*", markersize=10)
+        axes[1, j].set_ylabel(f"valid {mine[0]['valid_metric']}" if j == 0 else mine[0]["valid_metric"], fontsize=8)
+        axes[2, j].plot(x, [r["s_max"] for r in mine], marker=".", label="max")
+        axes[2, j].plot(x, [r["s_min"] for r in mine], marker=".", label="min")
+        past = len(mine[-1]["rho_mean"])
+        for i in range(past):
+            axes[3, j].plot(x, [r["rho_mean"][i] if len(r["rho_mean"]) > i else np.nan for r in mine],
+                            marker=".", label=f"task {i + 1}")
+        if past:
+            axes[3, j].legend(fontsize=6)
+        else:
+            axes[3, j].text(0.5, 0.5, "no retention", ha="center", va="center", transform=axes[3, j].transAxes)
+        axes[3, j].set_xlabel("epoch", fontsize=8)
+    for i, label in enumerate(("train loss", None, "s (min..max)", "rho (mean)")):
+        if label:
+            axes[i, 0].set_ylabel(label, fontsize=8)
+    fig.suptitle(f"training curves ({method}); * = best validation epoch", fontsize=10)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), "wb")
+    finally:
+        plt.close(fig)
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("matplotlib is not installed: `pip install matplotlib` (the CSV files were written)") from None
+    return plt
+
+
 def matrix_csv(labels_rows: list[str], labels_cols: list[str], values: np.ndarray) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -93,12 +176,7 @@ def draw(values: np.ndarray, rows: list[str], cols: list[str], title: str, path:
          vmin: float | None = None, vmax: float | None = None, digits: int = 2,
          below: np.ndarray | None = None) -> None:
     """A heatmap with every value written in its cell (and `below`'s under it, smaller)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("matplotlib is not installed: `pip install matplotlib` (the CSV files were written)") from None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.5, 0.8 * len(rows) + 1.8))
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
@@ -139,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     # every CSV first: they need no matplotlib
     atomic_write_text(out / "forgetting.csv", matrix_csv(after, names, table))
     atomic_write_text(out / "forgetting_relative.csv", matrix_csv(after, names, relative))
-    written = ["forgetting.png", "forgetting.csv", "forgetting_relative.csv"]
+    curve_rows = curves(run)
+    atomic_write_text(out / "curves.csv", curves_csv(curve_rows))
+    written = ["forgetting.png", "forgetting.csv", "forgetting_relative.csv", "curves.png", "curves.csv"]
     if masked:
         atomic_write_text(out / "task_relation.csv", matrix_csv(names, names, relation))
         written += ["task_relation.png", "task_relation.csv"]
@@ -157,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         draw(relation, names, names, f"task relation ({method}): mask cosine at s = smax\n(colours span "
              f"{low:.4f}..{high:.4f}, the off-diagonal range)", out / "task_relation.png", "viridis", low, high,
              digits=4)
+    draw_curves(curve_rows, method, out / "curves.png")
     log.info("wrote %s", ", ".join(str(out / f) for f in written))
 
 if __name__ == "__main__":
