@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_script, write_task1, write_task_ranking
+from helpers import run_script_in_process, write_task1, write_task_ranking
 from nextitnet import NextItNet
 from teracon import NewTaskStep, RetentionStats, RetentionStep, sample_subsets
 from trainer import epoch_diagnostics, mask_diagnostics
@@ -182,17 +182,18 @@ def test_real_two_task_run_writes_diagnostics(tmp_path):
     carries `diagnostics` with s from 1/smax (first batch) up to below smax (eq. 19's last batch
     b = steps - 1 < B), steps = ceil(n_train / batch); task 2 also rho_mean, retention_rows_mean
     (>= 3 rows) and rho_end for its one past task, and mask shares for both tasks. The log shows
-    the same figures."""
+    the same figures. (The scripts run as `__main__` in this process: helpers.run_script_in_process
+    gives their stderr, log lines included, as a new interpreter would.)"""
     t1 = write_task1(tmp_path / "t1.csv")
     t2 = write_task_ranking(tmp_path / "t2.csv")
     index, p1, p2 = tmp_path / "index.json", tmp_path / "task1", tmp_path / "task2"
-    rc, _, err1 = run_script("train_task1.py", "--datapath", t1, "--datapath_index", index, "--savepath", p1,
-                             "--epochs", "2", "--batch", "16", "--channels", "8", "--dilations", "1",
-                             "--quiet", "--device", "cpu")
+    rc, _, err1 = run_script_in_process("train_task1.py", "--datapath", t1, "--datapath_index", index,
+                                        "--savepath", p1, "--epochs", "2", "--batch", "16", "--channels", "8",
+                                        "--dilations", "1", "--quiet", "--device", "cpu")
     assert rc == 0, err1
-    rc, _, err2 = run_script("train_teracon_t2.py", "--datapath", t2, "--datapath_index", index, "--savepath",
-                             p2, "--paths", f"{p1}.pt", "--batch", "16", "--epochs", "2",
-                             "--min_retention_rows", "3", "--quiet", "--device", "cpu")
+    rc, _, err2 = run_script_in_process("train_teracon_t2.py", "--datapath", t2, "--datapath_index", index,
+                                        "--savepath", p2, "--paths", f"{p1}.pt", "--batch", "16", "--epochs", "2",
+                                        "--min_retention_rows", "3", "--quiet", "--device", "cpu")
     assert rc == 0, err2
 
     for prefix, tasks, err in ((p1, 1, err1), (p2, 2, err2)):
