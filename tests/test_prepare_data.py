@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import helpers
 import data_loader as dl
 import prepare_data as pd_
 from datasets import movielens as ml  # the module whose pins the fake wheel patches
@@ -472,8 +473,16 @@ def test_synthetic_signal(tmp_path):
 # ---------------------------------------------------------------------------------- CLI
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """prepare_data.py in a new interpreter."""
     return subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *args], cwd=cwd,
                           capture_output=True, text=True)
+
+
+def run_cli_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """prepare_data.py as `__main__` in this process (helpers.run_script_in_process: the same
+    run_cli, exit status, stdout and stderr), without a new interpreter's torch import."""
+    rc, out, err = helpers.run_script_in_process("prepare_data.py", *args, cwd=cwd)
+    return subprocess.CompletedProcess(["prepare_data.py", *args], rc, out, err)
 
 
 @pytest.mark.parametrize("args", [
@@ -482,7 +491,7 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     ["synthetic", "--tasks", "1"],
 ])
 def test_cli_errors(tmp_path, args):
-    proc = run_cli(*args, "--out", str(tmp_path / "out"))
+    proc = run_cli_in_process(*args, "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
@@ -492,13 +501,14 @@ def test_cli_errors(tmp_path, args):
 def test_cli_truncated_zip(tmp_path):
     zpath = tmp_path / "ml-25m.zip"
     zpath.write_bytes(b"PK\x03\x04" + b"\0" * 50)
-    proc = run_cli("ml-25m", "--source", str(zpath), "--out", str(tmp_path / "out"))
+    proc = run_cli_in_process("ml-25m", "--source", str(zpath), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == \
         [f"error: {zpath}: not a readable zip file (File is not a zip file)"]
 
 
 def test_cli_synthetic_default_out(tmp_path):
+    """The real script in a new interpreter (this module's one): default --out, the log on stderr."""
     proc = run_cli("synthetic", "--users", "16", "--seed", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     m = check_manifest(tmp_path / "Data" / "synthetic" / "tasks.json")

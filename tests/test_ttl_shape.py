@@ -5,14 +5,12 @@ present, the manifest's published/assumed record, determinism, a learnable signa
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import helpers  # noqa: F401  (puts the repository root on sys.path)
+import helpers  # also puts the repository root on sys.path
 import data_loader as dl
 import prepare_data
 from datasets import ttl_shape
@@ -115,9 +113,10 @@ def test_too_few_lines_for_every_item(tmp_path):
     with pytest.raises(UserError, match=r"--lines 10: the lines hold \d+ item positions, fewer than the 1000"):
         prepare_data.main(["ttl-shape", "--out", str(tmp_path), "--lines", "10", "--items", "1000",
                            "--classes", "20,10,4,2,3", "--seq_len", "8", "--clusters", "2"])
-    proc = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "ttl-shape", "--out", str(tmp_path),
-                           "--lines", "10", "--classes", "5,3"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "--classes" in proc.stderr and "Traceback" not in proc.stderr
+    # the script as `__main__` in this process (test_prepare_data runs it in a new interpreter)
+    rc, _, err = helpers.run_script_in_process("prepare_data.py", "ttl-shape", "--out", str(tmp_path),
+                                               "--lines", "10", "--classes", "5,3")
+    assert rc == 2 and "--classes" in err and "Traceback" not in err
     with pytest.raises(UserError, match="--clusters 9"):
         ttl_shape.generate(ttl_shape.ShapeConfig(lines=8, items=50, classes=(5, 4, 3, 2, 2), seq_len=5, clusters=9))
 
