@@ -203,12 +203,9 @@ class TaskRun:
         self.ckpt_out, self.summary_out = Path(args.savepath + ".pt"), Path(args.savepath + ".json")
         self.resume_out = resume_path(args.savepath)
         start = time.time()
-        # a node's local rank 0 reads first (and writes the data cache if it is missing), then the others
-        if shard.local_rank:
-            distributed.barrier(shard)
+        # every rank reads on its own (the data cache is only read here), so that a bad input stops
+        # each rank with its own error line before any collective
         self.data, self.prev, self.items = load_data(args)
-        if shard.parallel and not shard.local_rank:
-            distributed.barrier(shard)
         self.load_seconds = time.time() - start
         if args.chunk_rows < 0:
             args.chunk_rows = auto_chunk_rows(device, self.data.sources.shape[1],
@@ -311,9 +308,6 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     """Train one task with its method; writes PREFIX.pt (best validation epoch) and PREFIX.json."""
     args = build_parser(task).parse_args(argv)
     args = resolve_args(args, task or args.task)
-    shard, device = distributed.init(args.device)
-    precision = set_precision(args.amp, device, args.deterministic)
-    set_seed(args.seed)
     outputs = {"--savepath": [Path(args.savepath + ".pt"), Path(args.savepath + ".json"), resume_path(args.savepath)]}
     inputs = {"--datapath": args.datapath}
     if args.task == 1:
@@ -321,6 +315,10 @@ def main(argv: list[str] | None = None, task: int | None = None) -> dict:
     else:
         inputs.update({"--paths": [args.paths, summary_path(args.paths)], "--datapath_index": args.datapath_index})
     check_outputs(outputs, inputs)  # before any training: never write over an input, never fail late
+    # under torchrun every rank has failed the checks above alike before any joins the process group
+    shard, device = distributed.init(args.device)
+    precision = set_precision(args.amp, device, args.deterministic)
+    set_seed(args.seed)
 
     run = TaskRun(args, device, precision, shard)
     data, n = run.data, run.task_entry["split_sizes"]

@@ -161,3 +161,16 @@ def test_a_killed_rank_ends_the_run_with_one_error_line_and_resume_continues_bit
     final, reference = weights(folder / "task2.pt"), weights(runs["two"]["dir"] / "task2.pt")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
     assert not state.exists()
+
+
+def test_bad_input_under_torchrun_is_one_error_line_per_rank_and_nothing_hangs(runs, tmp_path):
+    """A missing task file: each of the 2 ranks stops with the same one error line naming the
+    file, before any collective (so neither waits on the other), and nothing is written."""
+    script = str(ROOT / "train_teracon_t2.py")
+    p = run([*TORCHRUN, script, "--datapath", str(tmp_path / "missing.csv"), "--datapath_index",
+             str(runs["two"]["dir"] / "index.json"), "--paths", str(runs["two"]["dir"] / "task1.pt"),
+             "--savepath", str(tmp_path / "out" / "task2"), *FLAGS], timeout=120)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode != 0
+    assert errors == [f"error: {tmp_path / 'missing.csv'}: file not found"] * 2, p.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
