@@ -174,3 +174,28 @@ def test_bad_input_under_torchrun_is_one_error_line_per_rank_and_nothing_hangs(r
     assert p.returncode != 0
     assert errors == [f"error: {tmp_path / 'missing.csv'}: file not found"] * 2, p.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_on_another_number_of_ranks_says_what_differs(runs, tmp_path, monkeypatch, caplog):
+    """A resumable state written by 2 ranks, resumed in one process: the run continues and warns
+    that it does so up to float rounding (the reductions run in another order), naming both
+    numbers of ranks."""
+    folder = runs["one"]["dir"]
+    args = ["--datapath", str(runs["root"] / "t2.csv"), "--datapath_index", str(folder / "index.json"),
+            "--paths", str(folder / "task1.pt"), "--savepath", str(tmp_path / "task2"), *FLAGS, *TASK2]
+    real = cli.TaskRun.snapshot
+
+    def written_by_two_ranks_then_stop(self, progress, optimizer):
+        self.resume_args["world_size"] = 2  # as the state of a 2-rank run records it
+        real(self, progress, optimizer)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.TaskRun, "snapshot", written_by_two_ranks_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args, task=2)
+    monkeypatch.setattr(cli.TaskRun, "snapshot", real)
+    with caplog.at_level("WARNING", logger="teracon"):
+        summary = cli.main([*args, "--resume"], task=2)
+    assert summary["finished"]
+    assert any("resuming with ranks 1 where the state was written with 2" in r.getMessage()
+               and "up to float rounding" in r.getMessage() for r in caplog.records)
