@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 import data_loader as dl
-import distributed
 from nextitnet import PIGGYBACK_THRESHOLD, NextItNet
 from teracon import NewTaskStep, RetentionStep, Step, Task1Step, next_item_loss
 from utils import UserError
@@ -465,16 +464,11 @@ class MTL(Teracon):
     step adds one batch of every earlier task to the newest task's batch, the losses summed; an
     epoch lasts until every task's training split has been seen once). Model selection on the
     newest task's validation metric, as for every method. The task-1 weights it restarts from
-    travel in every later checkpoint (`mtl_start`)."""
+    travel in every later checkpoint (`mtl_start`). Under torchrun every task's batch is split
+    across the ranks."""
     name = "mtl"
     masked = False
     retention = False
-
-    @classmethod
-    def resolve(cls, args: argparse.Namespace) -> None:
-        if distributed.env_shard().parallel:
-            raise UserError("--method mtl: not available under torchrun yet (its joint batches are not split "
-                            "across ranks); run it in one process")
 
     def start(self) -> dict:
         """The task-1 model (config and weights) every task n restarts from."""
@@ -535,18 +529,26 @@ class JointStep(Step):
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         masks = self.model.masks(s)  # all ones: MTL has no task masks
-        [logits] = self.model.task_logits(src, [(self.model.num_tasks - 1, None)], masks)
-        loss = F.cross_entropy(logits, tgt)
+        loss = self.task_loss(self.model.num_tasks - 1, src, tgt, masks)
         for i, data in enumerate(self.earlier):
             seqs, targets = data.batch(self.next_rows(i), src.device)
-            if data.task == 1:
-                hidden = self.model.encode(seqs[:, :-1], masks[:1])
-                loss = loss + next_item_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.heads[0],
-                                             seqs[:, 1:].reshape(-1))
-            else:
-                [other] = self.model.task_logits(seqs, [(i, None)], masks)
-                loss = loss + F.cross_entropy(other, targets)
+            loss = loss + self.task_loss(i, seqs, targets, masks)
         return loss
+
+    def task_loss(self, head: int, seqs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One task's mean loss over a batch (head 0: task 1's next-item loss on every position);
+        under torchrun this rank's rows, weighted by their share of the batch."""
+        part, share = self.rows(len(seqs))
+        seqs, targets = seqs[part], targets[part]
+        if not len(seqs):  # a rank without rows adds nothing (but stays in the graph)
+            return 0.0 * sum(p.sum() for p in self.model.heads[head].parameters())
+        if head == 0 and self.model.first_task == 1:
+            hidden = self.model.encode(seqs[:, :-1], masks[:1])
+            loss = next_item_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.heads[0], seqs[:, 1:].reshape(-1))
+        else:
+            [logits] = self.model.task_logits(seqs, [(head, None)], masks)
+            loss = F.cross_entropy(logits, targets)
+        return loss * share if self.shard.parallel else loss
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "orders": [torch.from_numpy(o) for o in self.orders],

@@ -116,14 +116,3 @@ def test_joint_step_sums_every_tasks_loss():
 def test_mtl_evaluates_every_task_with_the_final_model(chain):
     rows = evaluate_checkpoint(chain / "task3.pt", "cpu")
     assert [r["task"] for r in rows] == [1, 2, 3] and all(np.isfinite(list(r["now"].values())).all() for r in rows)
-
-
-def test_mtl_under_torchrun_is_one_error(monkeypatch, chain, tmp_path):
-    """MTL does not split its joint batches across ranks: under torchrun it stops before
-    anything runs, with one error naming the method."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(UserError, match="--method mtl: not available under torchrun"):
-        cli.main(["--datapath", str(chain / "t2.csv"), "--savepath", str(tmp_path / "x"), "--paths",
-                  str(chain / "task1.pt"), "--datapath_index", str(chain / "index.json"), *TINY], task=2)
-    assert list(tmp_path.iterdir()) == []
