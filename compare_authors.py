@@ -16,7 +16,7 @@ train_teracon_t2.py, train_teracon_t3.py and evaluate.py of the code folder `--o
 
 Arms: `authors`; `ours` (defaults); `ours-match` (--drop_last --select_on random_batches on
 every task); `ours-drop_last`; `ours-random_batches`. Each (arm, seed) writes one JSON into
-`--out`/runs/ and is skipped when that JSON exists, so an interrupted comparison continues;
+`--out`/per_run/ and is skipped when that JSON exists, so an interrupted comparison continues;
 `--report` only aggregates.
 
     python compare_authors.py --authors /tmp/teracon_authors --arms authors ours-match --seeds 0 1 2
@@ -48,11 +48,13 @@ from utils import UserError, atomic_write_json, atomic_write_text, run_cli, sha2
 log = logging.getLogger("teracon")
 
 ROOT = Path(__file__).resolve().parent
+HARNESS_SHA256 = sha256_file(__file__)  # of the file as loaded, not as it may be edited while runs go on
 AUTHORS_SCRIPTS = ("train_task1.py", "train_teracon.py", "inference_past_tasks.py", "data_loader.py")
 ARMS = {"authors": None, "ours": [], "ours-match": ["--drop_last", "--select_on", "random_batches"],
         "ours-drop_last": ["--drop_last"], "ours-random_batches": ["--select_on", "random_batches"]}
 TASKS = ("t1_watch", "t2_click", "t3_profile")
 RANKING_METRICS = ("mrr@5", "hr@5", "ndcg@5")
+METRIC_ORDER = (*RANKING_METRICS, "accuracy")
 PHASES = ("after_task", "after_last")
 AUTHORS_METRIC = {"mrr_5": "mrr@5", "mrr_20": "mrr@20", "hit_5": "hr@5", "hit_20": "hr@20",
                   "ndcg_5": "ndcg@5", "ndcg_20": "ndcg@20"}
@@ -200,7 +202,8 @@ def table(runs: list[dict], arm: str, versus: str = "authors") -> tuple[str, lis
         return "", []
     rows, lines = [], [f"| phase | task | metric | {versus} | {arm} | diff | d | lower | per seed, {arm} - {versus} |",
                        "|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(set(data[arm]) & set(data[versus]), key=lambda k: (PHASES.index(k[0]), k[1], k[2])):
+    order = lambda k: (PHASES.index(k[0]), k[1], METRIC_ORDER.index(k[2]))  # noqa: E731
+    for key in sorted(set(data[arm]) & set(data[versus]), key=order):
         s = summarise(data[arm][key], data[versus][key])
         rows.append({"phase": key[0], "task": key[1], "metric": key[2], **s})
         seeds = " ".join(f"{v:+.3f}" for v in s["per_seed"].values())
@@ -313,7 +316,7 @@ def one_run(a: argparse.Namespace, arm: str, seed: int, data: Path) -> dict:
         code = code_of(a.ours)
     return {"arm": arm, "seed": seed, "flags": ARMS[arm], "cells": cells, "stages": stages,
             "seconds": round(time.time() - start, 1), "code": code,
-            "harness_sha256": sha256_file(Path(__file__)), "cpu": cpu_name(),
+            "harness_sha256": HARNESS_SHA256, "cpu": cpu_name(),
             "threads": os.environ.get("OMP_NUM_THREADS", "default"),
             "data": {t: sha256_file(data / f"{t}.csv") for t in TASKS},
             "settings": {"epochs": a.epochs, "lr": a.lr, "batch": a.batch, "batch1": 32, "alpha": a.alpha,
@@ -321,14 +324,14 @@ def one_run(a: argparse.Namespace, arm: str, seed: int, data: Path) -> dict:
 
 
 def load_runs(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/seed*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((out / "per_run").glob("*/seed*.json"))]
 
 
 def report(out: Path, command: str) -> str:
     """The tables of every ours arm against the authors; also written to `out`/table.md."""
     runs = load_runs(out)
     if not runs:
-        raise UserError(f"{out}/runs: no run JSON yet")
+        raise UserError(f"{out}/per_run: no run JSON yet")
     arms = sorted({r["arm"] for r in runs}, key=list(ARMS).index)
     parts = [f"# compare_authors: ours against the authors' code, {len(runs)} runs\n",
              f"Command: `{command}`\n"]
@@ -378,7 +381,7 @@ def build_parser() -> Parser:
     p.add_argument("--seeds", nargs="+", type=utils.seed_type("--seeds"), default=[0, 1, 2, 3, 4, 5],
                    help="training seeds (split, initialisation, batches) of every arm")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "compare_authors",
-                   help="folder of the per-run JSON (runs/ARM/seedN.json) and table.md")
+                   help="folder of the per-run JSON (per_run/ARM/seedN.json) and table.md")
     p.add_argument("--work", type=Path, default=Path("/tmp/compare_authors"),
                    help="folder of the checkpoints and logs of every run, and of the data unless --data")
     p.add_argument("--data", type=Path, help="folder of the comparison data (written there if missing; "
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None) -> str:
         data = make_data((a.data or a.work / "data").resolve(), a.data_seed)
         for arm in a.arms:
             for seed in a.seeds:
-                path = a.out / "runs" / arm / f"seed{seed}.json"
+                path = a.out / "per_run" / arm / f"seed{seed}.json"
                 if path.is_file() and not a.force:
                     log.info("%s seed %d: %s exists, skipped", arm, seed, path)
                     continue
