@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import NUM_ITEMS, ROOT, SEQ_LEN, raw_item, run_script, write_task1, write_task_ranking
+from helpers import NUM_ITEMS, ROOT, SEQ_LEN, raw_item, run_script_in_process, write_task1, write_task_ranking
 import prepare_data
 import cli
 import reproduce
@@ -451,13 +451,15 @@ def test_continuing_with_another_method_is_a_user_error(small, method, tmp_path)
 
 
 def test_method_mismatch_through_the_script_is_one_error_line(small, tmp_path):
-    """Through a subprocess: exit status 2 and exactly one stderr line, `error: ...`, naming the
-    checkpoint's method, no traceback, no output files."""
+    """Through the script (train_teracon_t2.py run as `__main__`, its `run_cli` included, in this
+    process: helpers.run_script_in_process; test_cli runs it in a new interpreter): exit status
+    2 and exactly one stderr line, `error: ...`, naming the checkpoint's method, no traceback,
+    no output files."""
     folder = small.run("teracon")
-    rc, out, err = run_script("train_teracon_t2.py", "--datapath", small.t2, "--datapath_index",
-                              folder / "index.json", "--paths", folder / "task1.pt", "--savepath",
-                              tmp_path / "task2", "--method", "fineall", "--device", "cpu", "--quiet",
-                              cwd=tmp_path)
+    rc, out, err = run_script_in_process("train_teracon_t2.py", "--datapath", small.t2, "--datapath_index",
+                                         folder / "index.json", "--paths", folder / "task1.pt", "--savepath",
+                                         tmp_path / "task2", "--method", "fineall", "--device", "cpu", "--quiet",
+                                         cwd=tmp_path)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2, err
     assert len(lines) == 1 and lines[0].startswith("error:"), err
@@ -473,15 +475,18 @@ CELL = re.compile(r"^(\d+\.\d+) ± (\d+\.\d+)$")
 
 def _in_process_runner(calls: list[list[str]]):
     """A stand-in for reproduce's `subprocess.run`: runs the training script's `main` in this
-    process with the exact argv reproduce built (saves ~6 s of interpreter and torch start-up
-    per stage). A UserError becomes exit status 2, as in the scripts."""
+    process with the argv reproduce built (saves ~6 s of interpreter and torch start-up per
+    stage), recorded in `calls` as built; task 1 stages get `TINY` appended (the last value of a
+    flag wins: a 16-channel, 2-block model instead of the paper preset's 256 channels and 8
+    blocks; later stages take the checkpoint's). A UserError becomes exit status 2, as in the
+    scripts."""
     def run(cmd, *args, **kwargs):
         assert not args and not kwargs and cmd[0] == sys.executable
         script, argv = Path(cmd[1]), list(cmd[2:])
         assert script.parent == ROOT and script.name in ("train_task1.py", "train_teracon.py"), cmd
         calls.append([script.name, *argv])
         try:
-            cli.main(argv, task=1) if script.name == "train_task1.py" else cli.main(argv)
+            cli.main([*argv, *TINY], task=1) if script.name == "train_task1.py" else cli.main(argv)
         except UserError:
             return subprocess.CompletedProcess(cmd, 2)
         return subprocess.CompletedProcess(cmd, 0)
