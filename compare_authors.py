@@ -108,7 +108,8 @@ def comparison_tasks(users: int = 11000, items: int = 500, seq_len: int = 16, cl
         f"random, are clickable. A user's sequence (length {min_len}..{seq_len}, left-padded to {seq_len}) "
         f"walks the cluster's cycle from a random start, each step 1 to {max_step} positions ahead at random, "
         f"each item replaced by a random one with probability {noise}. T1 watch: the sequences. T2 click: the "
-        f"next 2-3 clickable items of the cycle after the sequence's last position. T3 profile: the cluster id ({k} classes), replaced by a random class for a share "
+        f"next 2-3 clickable items of the cycle after the sequence's last position. T3 profile: the cluster "
+        f"id ({k} classes), replaced by a random class for a share "
         f"{label_noise} of users; two lines per user, the T1 sequence and a second session (another walk of "
         "the cycle), so that the validation split holds more than one batch of 1024.")
     return tasks, protocol
@@ -393,7 +394,8 @@ def build_parser() -> Parser:
     p.add_argument("--batch", type=int, default=1024, help="batch of tasks 2 and 3 (task 1: 32, as the authors "
                    "hard-code); also the authors' evaluation batch of tasks 2 and 3")
     p.add_argument("--alpha", type=float, default=0.7, help="weight of knowledge retention")
-    p.add_argument("--smax", type=int, default=50, help="largest annealing scale s (an int: the authors parse it so)")
+    p.add_argument("--smax", type=int, default=50,
+                   help="largest annealing scale s (an int: the authors parse it so)")
     p.add_argument("--report", action="store_true", help="run nothing: aggregate the JSON in --out and print the tables")
     p.add_argument("--force", action="store_true", help="rerun (arm, seed) pairs whose JSON exists")
     return p

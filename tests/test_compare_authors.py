@@ -124,4 +124,15 @@ def test_bad_flag_is_one_error_line(capsys):
 def test_report_without_runs_is_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli(ca.main, ["--report", "--out", str(tmp_path)])
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path}/runs: no run JSON yet"
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}/per_run: no run JSON yet"
+
+
+def test_comparison_data_shapes_small():
+    tasks, protocol = ca.comparison_tasks(users=400, items=60, click_classes=50, seed=1)
+    watch, click, profile = tasks
+    assert watch.sources.shape == (400, 16) and (watch.sources[:, 0] == 0).any()
+    assert len({t for ts in click.targets for t in ts}) == 50
+    assert all(2 <= len(ts) <= 3 for ts in click.targets)
+    assert profile.sources.shape == (800, 16) and {t[0] for t in profile.targets} == set(range(8))
+    assert profile.targets[:400] == profile.targets[400:]  # one profile per user, two sessions
+    assert "488" not in protocol and "50 items" in protocol
