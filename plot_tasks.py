@@ -93,6 +93,9 @@ def curves(run: Path) -> list[dict]:
     each past task's mean rho (';'-joined; empty without retention), and whether it was the best."""
     rows = []
     for ckpt in run_checkpoints(run):
+        if not ckpt.with_suffix(".json").is_file():
+            log.warning("%s: no run summary beside it: no training curves for that task", ckpt)
+            continue
         summary = read_json(ckpt.with_suffix(".json"), "run summary")
         metric = MAIN_METRIC[summary["task"]["metric"]]
         for e in summary["epochs"]:
@@ -218,8 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(out / "forgetting.csv", matrix_csv(after, names, table))
     atomic_write_text(out / "forgetting_relative.csv", matrix_csv(after, names, relative))
     curve_rows = curves(run)
-    atomic_write_text(out / "curves.csv", curves_csv(curve_rows))
-    written = ["forgetting.png", "forgetting.csv", "forgetting_relative.csv", "curves.png", "curves.csv"]
+    written = ["forgetting.png", "forgetting.csv", "forgetting_relative.csv"]
+    if curve_rows:
+        atomic_write_text(out / "curves.csv", curves_csv(curve_rows))
+        written += ["curves.png", "curves.csv"]
     if masked:
         atomic_write_text(out / "task_relation.csv", matrix_csv(names, names, relation))
         written += ["task_relation.png", "task_relation.csv"]
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         draw(relation, names, names, f"task relation ({method}): mask cosine at s = smax\n(colours span "
              f"{low:.4f}..{high:.4f}, the off-diagonal range)", out / "task_relation.png", "viridis", low, high,
              digits=4)
-    draw_curves(curve_rows, method, out / "curves.png")
+    if curve_rows:
+        draw_curves(curve_rows, method, out / "curves.png")
     log.info("wrote %s", ", ".join(str(out / f) for f in written))
 
 if __name__ == "__main__":
