@@ -10,9 +10,10 @@ thread (A: OMP_NUM_THREADS=1, B: torch.set_num_threads(1)): float reductions dep
 thread count, and the claim is about seeds, not threads.
 
 The bad-input cases run the scripts as `__main__` in this process too: `utils.run_cli`'s
-`error:` line and exit status are the same code either way (one real subprocess per error path
-is kept: `reproduce.py` here, train_teracon_t2.py in test_baselines, evaluate.py in
-test_reliability, prepare_data.py in test_prepare_data).
+`error:` line and exit status are the same code either way, and every script keeps one run in a
+new interpreter (sequence A; `reproduce.py --max_epochs 0` here, an error line through a real
+process; train_teracon.py in test_baselines' reproduce test; prepare_data.py in
+test_prepare_data).
 """
 from __future__ import annotations
 

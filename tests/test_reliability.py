@@ -310,9 +310,10 @@ def test_evaluate_json_over_its_inputs_is_refused(tmp_path):
 
 
 def test_evaluate_json_below_a_file_is_one_error_line(tmp_path):
+    """evaluate.py as `__main__` in this process (its run_cli; test_cli runs it in a new interpreter)."""
     (tmp_path / "f").write_text("x")
-    code, out, err = helpers.run_script("evaluate.py", "--paths", tmp_path / "missing.pt",
-                                        "--json", tmp_path / "f" / "rows.json", cwd=tmp_path)
+    code, out, err = helpers.run_script_in_process("evaluate.py", "--paths", tmp_path / "missing.pt",
+                                                   "--json", tmp_path / "f" / "rows.json", cwd=tmp_path)
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [f"error: --json {tmp_path}/f/rows.json: cannot be written "
                                         f"({tmp_path}/f is a file, not a folder)"]
