@@ -61,6 +61,7 @@ AUTHORS_METRIC = {"mrr_5": "mrr@5", "mrr_20": "mrr@20", "hit_5": "hr@5", "hit_20
 MARKER = re.compile(r"-{20,}(train|valid|test)\s*$")
 AUTHORS_LINE = re.compile(r"Accuracy (mrr|hit|ndcg)_(5|20): (\S+)")
 AUTHORS_HIT1 = re.compile(r"accuracy\(hit@1\):\s*(\S+)")
+AUTHORS_EPOCH = re.compile(r"^epoch:(\d+)\s+accuracy\(hit@1\)")
 
 
 # ------------------------------------------------------------------------------ data
@@ -149,6 +150,9 @@ def parse_authors_tests(text: str) -> list[dict[str, float]]:
         if m:
             current["hit@1"] = float(m.group(1)) / 100.0
             current["accuracy"] = current["hit@1"]
+        m = AUTHORS_EPOCH.search(line)
+        if m:
+            current["epoch"] = int(m.group(1)) + 1  # theirs count from 0, ours from 1
     return blocks
 
 
@@ -173,9 +177,9 @@ def summarise(ours: dict[int, float], theirs: dict[int, float]) -> dict:
     a, b = list(ours.values()), list(theirs.values())
     sd_a = statistics.stdev(a) if len(a) > 1 else float("nan")
     sd_b = statistics.stdev(b) if len(b) > 1 else float("nan")
-    dof = len(a) + len(b) - 2
-    pooled = math.sqrt(((len(a) - 1) * sd_a ** 2 + (len(b) - 1) * sd_b ** 2) / dof) if dof > 0 and \
-        len(a) > 1 and len(b) > 1 else float("nan")
+    dof = len(a) + len(b) - 2  # an arm of one run adds nothing to the pooled variance
+    squares = sum((len(x) - 1) * sd ** 2 for x, sd in ((a, sd_a), (b, sd_b)) if len(x) > 1)
+    pooled = math.sqrt(squares / dof) if dof > 0 else float("nan")
     diff = statistics.fmean(a) - statistics.fmean(b)
     per_seed = {s: ours[s] - theirs[s] for s in sorted(set(ours) & set(theirs))}
     return {"ours_mean": statistics.fmean(a), "ours_sd": sd_a, "n_ours": len(a),
@@ -243,6 +247,7 @@ def authors_run(a: argparse.Namespace, data: Path, work: Path, seed: int) -> tup
     out = stage("task1", "train_task1.py", [*common, "--epochs", str(a.epochs[0]), "--lr", str(a.lr),
                                             "--datapath", files[0], "--datapath_index", index,
                                             "--savepath", str(work / "task1")])
+    selected = {1: last_test(out, "task 1").get("epoch")}
     cells["after_task"][1] = cell_values(last_test(out, "task 1"), 1)
     for n in (2, 3):
         out = stage(f"task{n}", "train_teracon.py",
@@ -251,12 +256,14 @@ def authors_run(a: argparse.Namespace, data: Path, work: Path, seed: int) -> tup
                      "--paths", str(work / f"task{n - 1}.t7"), "--savepath", str(work / f"task{n}"),
                      "--n_tasks", str(n)])
         cells["after_task"][n] = cell_values(last_test(out, f"task {n}"), n)
+        selected[n] = last_test(out, f"task {n}").get("epoch")
     for n in (1, 2, 3):
         out = stage(f"past{n}", "inference_past_tasks.py",
                     [*common, "--batch", str(a.batch), "--datapath", files[n - 1], "--datapath_index", index,
                      "--paths", str(work / "task3.t7"), "--n_tasks", "3", "--inference_task", str(n),
                      "--savepath", str(work / f"past{n}")])
         cells["after_last"][n] = cell_values(last_test(out, f"inference of task {n}"), n)
+    cells["selected_epoch"] = selected
     return cells, stages
 
 
@@ -277,6 +284,7 @@ def ours_run(a: argparse.Namespace, arm: str, data: Path, work: Path, seed: int)
         stages.append({"stage": f"task{n}", "command": shlex.join(cmd), "seconds": round(seconds, 1)})
         summary = json.loads((work / f"task{n}.json").read_text())
         cells["after_task"][n] = cell_values(summary["test"], n)
+        cells.setdefault("selected_epoch", {})[n] = summary["best_epoch"]
     cmd = [sys.executable, str(a.ours / "evaluate.py"), "--paths", str(work / "task3.pt"), "--device", "cpu",
            "--json", str(work / "eval.json")]
     _, seconds = run_stage(cmd, work / "evaluate.log", a.ours)
@@ -351,6 +359,15 @@ def report(out: Path, command: str) -> str:
         parts.append(f"| {arm} | {' '.join(map(str, seeds))} | {statistics.fmean(secs):.0f} "
                      f"({min(secs):.0f}-{max(secs):.0f}) | {sum(secs):.0f} |")
     parts.append(f"| all | | | {total:.0f} ({total / 3600:.2f} h) |\n")
+    parts.append("Selected epoch (the best validation epoch, whose checkpoint the next task starts from) "
+                 "of T1 / T2 / T3, per seed:\n\n| arm | " + " | ".join(f"seed {s}" for s in
+                 sorted({r['seed'] for r in runs})) + " |\n|---|" + "---|" * len({r['seed'] for r in runs}))
+    for arm in arms:
+        by_seed = {r["seed"]: r["cells"].get("selected_epoch", {}) for r in runs if r["arm"] == arm}
+        parts.append(f"| {arm} | " + " | ".join(
+            " / ".join(str(by_seed[s].get(str(t), by_seed[s].get(t, "?"))) for t in (1, 2, 3)) if s in by_seed else ""
+            for s in sorted({r['seed'] for r in runs})) + " |")
+    parts.append("")
     for arm in arms:
         if arm == "authors":
             continue

@@ -75,15 +75,18 @@ def test_summarise_unequal_seeds_pairs_only_common_ones():
 def test_parse_authors_ranking_output_takes_test_blocks_not_validation():
     blocks = ca.parse_authors_tests(AUTHORS_STDOUT)
     assert len(blocks) == 1
-    assert blocks[0] == {"hit@1": pytest.approx(0.05542), "accuracy": pytest.approx(0.05542), "mrr@5": 0.1234,
+    assert blocks[0] == {"hit@1": pytest.approx(0.05542), "accuracy": pytest.approx(0.05542), "epoch": 1,
+                         "mrr@5": 0.1234,
                          "mrr@20": 0.15, "hr@5": 0.25, "hr@20": 0.5, "ndcg@5": 0.16, "ndcg@20": 0.2}
     assert ca.cell_values(ca.last_test(AUTHORS_STDOUT, "task 2"), 2) == {"mrr@5": 0.1234, "hr@5": 0.25,
                                                                         "ndcg@5": 0.16}
 
 
 def test_parse_authors_last_test_block_is_the_best_epoch():
-    second = AUTHORS_STDOUT.replace("0.1234", "0.2").replace("5.542", "6.0")
-    assert ca.last_test(AUTHORS_STDOUT + second, "task 2")["mrr@5"] == 0.2
+    second = AUTHORS_STDOUT.replace("0.1234", "0.2").replace("epoch:0    accuracy(hit@1):5.542",
+                                                             "epoch:2    accuracy(hit@1):6.0")
+    best = ca.last_test(AUTHORS_STDOUT + second, "task 2")
+    assert best["mrr@5"] == 0.2 and best["epoch"] == 3
 
 
 def test_parse_authors_accuracy_output():
@@ -136,3 +139,10 @@ def test_comparison_data_shapes_small():
     assert profile.sources.shape == (800, 16) and {t[0] for t in profile.targets} == set(range(8))
     assert profile.targets[:400] == profile.targets[400:]  # one profile per user, two sessions
     assert "488" not in protocol and "50 items" in protocol
+
+
+def test_summarise_one_run_arm_pools_the_other_arms_variance():
+    s = ca.summarise({0: 0.5}, {0: 0.4, 1: 0.6})
+    assert s["pooled_sd"] == pytest.approx(math.sqrt(0.02)) and s["d"] == pytest.approx(0.0)
+    assert math.isnan(s["ours_sd"])
+    assert math.isnan(ca.summarise({0: 0.5}, {0: 0.4})["d"])
