@@ -70,7 +70,8 @@ def build_parser(task: int | None) -> argparse.ArgumentParser:
                    "off by default: we train on every example (SPEC 2)")
     p.add_argument("--select_on", choices=("split", "random_batches"), default="split", help="validation "
                    "examples that select the model: the whole split, each once (SPEC 2), or the authors' subset: "
-                   "a fresh random permutation each epoch cut into full --batch batches that end inside the split "
+                   "a fresh random permutation each epoch cut into full batches (512 rows for task 1, --batch later, as "
+                   "their scripts) that end inside the split "
                    "(test metrics always cover the whole test split) (default %(default)s)")
     p.add_argument("--patience", type=int, default=5, help="epochs without a better validation metric "
                    "before stopping (default %(default)s)")

@@ -101,27 +101,36 @@ def evaluate(model: NextItNet, data: dl.TaskData, split: str, smax: float, devic
     return {k: v / max(len(idx), 1) for k, v in sums.items()}
 
 
+AUTHORS_TASK1_EVAL_BATCH = 512  # the authors' train_task1.py evaluates in batches of 512; later tasks use --batch
+
+
+def authors_eval_batch(data: dl.TaskData, config: TrainConfig) -> int:
+    return AUTHORS_TASK1_EVAL_BATCH if getattr(data, "task", None) == 1 else config.batch
+
+
 def validation_rows(data: dl.TaskData, config: TrainConfig, epoch: int) -> np.ndarray | None:
     """The validation examples that select the model at `epoch`: all of them (None; SPEC 2), or
     with `select_on` "random_batches" the authors' subset: a fresh random permutation each
-    epoch, cut into full training-size batches that end strictly inside the split."""
+    epoch, cut into full batches that end strictly inside the split (of 512 rows for task 1,
+    of --batch for later tasks, as their scripts)."""
     if config.select_on == "split":
         return None
     rng = np.random.default_rng([config.seed, 2, epoch])
-    return np.concatenate([*dl.batches(data.splits["valid"], config.batch, rng, drop_last=True),
+    return np.concatenate([*dl.batches(data.splits["valid"], authors_eval_batch(data, config), rng, drop_last=True),
                            np.zeros(0, dtype=np.int64)])
 
 
 def check_batching(data: dl.TaskData, config: TrainConfig) -> None:
     """The authors' batching needs more examples than one batch in the training (`drop_last`)
     and validation (`select_on` random_batches) splits; the error says which."""
-    checks = [("train", "--drop_last", config.drop_last),
-              ("valid", "--select_on random_batches", config.select_on == "random_batches")]
-    for split, flag, on in checks:
+    checks = [("train", "--drop_last", config.drop_last, config.batch),
+              ("valid", "--select_on random_batches", config.select_on == "random_batches",
+               authors_eval_batch(data, config))]
+    for split, flag, on, batch in checks:
         n = len(data.splits[split])
-        if on and n <= config.batch:
+        if on and n <= batch:
             raise UserError(f"{data.path}: {flag} keeps only batches that end inside the {split} split, and its "
-                            f"{n} examples are not more than one batch (--batch {config.batch})")
+                            f"{n} examples are not more than one batch ({batch})")
 
 
 # ------------------------------------------------------------------------ the loop

@@ -512,12 +512,15 @@ def test_select_on_random_batches_is_a_fresh_subset_of_full_batches():
     assert np.array_equal(rows1, trainer.validation_rows(Split(50), config, 1))
     assert len(trainer.validation_rows(Split(48), config, 1)) == 32
     assert trainer.validation_rows(Split(50), trainer.TrainConfig(lr=1e-3, batch=16, epochs=1), 1) is None
+    task1 = Split(1100)
+    task1.task = 1  # the authors' task-1 script evaluates in batches of 512, whatever --batch: 2 batches
+    assert len(trainer.validation_rows(task1, config, 1)) == 1024
 
 
 def test_select_on_random_batches_with_a_small_validation_split_is_one_error(data, base, tmp_path):
     """A validation split of 5 examples has no batch of 16 inside it: the run stops before it
     writes anything, with an error naming the file, the flag and the sizes."""
     with pytest.raises(UserError, match=r"t2\.csv: --select_on random_batches .* valid split, and its 5 "
-                                        r"examples are not more than one batch \(--batch 16\)"):
+                                        r"examples are not more than one batch \(16\)"):
         task_n(2, data["rank"], base["index"], base["pt"], tmp_path / "t2", "--select_on", "random_batches", entry=2)
     assert list(tmp_path.iterdir()) == []
