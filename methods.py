@@ -23,11 +23,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data_loader as dl
-from nextitnet import PIGGYBACK_THRESHOLD, NextItNet
-from teracon import NewTaskStep, RetentionStep, Step, Task1Step, next_item_loss
+from nextitnet import Binarize, NextItNet
+from teracon import NewTaskStep, RetentionStep, Step, Task1Step
 from utils import UserError
 
 
@@ -396,7 +395,7 @@ class Piggyback(Teracon):
     SCORE_INIT = 1e-2
 
     def prepare(self, model: NextItNet) -> None:
-        self.model, self.scores = model, []
+        self.scores = []
         if self.prev is None:
             return
         model.requires_grad_(False)
@@ -410,7 +409,7 @@ class Piggyback(Teracon):
 
     def masks(self) -> list[torch.Tensor]:
         """This task's binary masks (bool), one per conv."""
-        return [(s.detach() > PIGGYBACK_THRESHOLD).cpu() for s in self.scores]
+        return [Binarize.apply(s.detach()).bool().cpu() for s in self.scores]
 
     def extras(self) -> dict:
         if self.prev is None:
@@ -534,21 +533,6 @@ class JointStep(Step):
             seqs, targets = data.batch(self.next_rows(i), src.device)
             loss = loss + self.task_loss(i, seqs, targets, masks)
         return loss
-
-    def task_loss(self, head: int, seqs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """One task's mean loss over a batch (head 0: task 1's next-item loss on every position);
-        under torchrun this rank's rows, weighted by their share of the batch."""
-        part, share = self.rows(len(seqs))
-        seqs, targets = seqs[part], targets[part]
-        if not len(seqs):  # a rank without rows adds nothing (but stays in the graph)
-            return 0.0 * sum(p.sum() for p in self.model.heads[head].parameters())
-        if head == 0 and self.model.first_task == 1:
-            hidden = self.model.encode(seqs[:, :-1], masks[:1])
-            loss = next_item_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.heads[0], seqs[:, 1:].reshape(-1))
-        else:
-            [logits] = self.model.task_logits(seqs, [(head, None)], masks)
-            loss = F.cross_entropy(logits, targets)
-        return loss * share if self.shard.parallel else loss
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "orders": [torch.from_numpy(o) for o in self.orders],

@@ -207,10 +207,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     start = time.time()
     shard, _ = distributed.init(args.device)
-    if shard.main:
-        load_or_prepare(args.dataset)  # rank 0 prepares ml-100k on its first run, the others wait
-    distributed.barrier(shard)
-    manifest = load_or_prepare(args.dataset)
+    manifest = load_or_prepare(args.dataset) if shard.main else None  # rank 0 prepares ml-100k on its first run
+    distributed.barrier(shard)  # the others wait for it, then read the manifest
+    manifest = manifest or load_or_prepare(args.dataset)
     name = manifest.get("dataset") or Path(manifest["dir"]).name
     preset = PAPER if args.preset == "paper" else PRESETS.get(args.preset or name, PAPER)
     out = Path(args.out) / name

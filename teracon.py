@@ -81,10 +81,23 @@ class Step:
     one-process step's (`distributed.py`)."""
     shard: Shard = SINGLE
 
-    def rows(self, batch: int) -> tuple[slice, float]:
-        """This rank's rows of a batch and the share of the batch they are."""
-        part = self.shard.part(batch)
-        return part, (part.stop - part.start) / batch
+    def task_loss(self, head: int, seqs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One task's mean loss over a batch through head `head` under `masks` [T, M, C]: task 1's
+        next-item loss on every position (SPEC 3), a later task's cross-entropy; under torchrun
+        this rank's rows only, weighted by their share of the batch."""
+        if self.shard.parallel:
+            part = self.shard.part(len(seqs))
+            share = (part.stop - part.start) / len(seqs)
+            seqs, targets = seqs[part], targets[part]
+            if not len(seqs):  # a rank without rows adds nothing (but stays in the graph)
+                return 0.0 * sum(p.sum() for p in self.model.heads[head].parameters())
+        if self.model.first_task + head == 1:
+            hidden = self.model.encode(seqs[:, :-1], masks[head:head + 1])
+            loss = next_item_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.heads[head], seqs[:, 1:].reshape(-1))
+        else:
+            [logits] = self.model.task_logits(seqs, [(head, None)], masks)
+            loss = F.cross_entropy(logits, targets)
+        return loss * share if self.shard.parallel else loss
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         raise NotImplementedError
@@ -114,13 +127,7 @@ class Task1Step(Step):
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         masks = self.model.masks(s)
-        if self.shard.parallel:  # this rank's sequences; the mean over the whole batch's positions
-            part, share = self.rows(len(src))
-            src = src[part]
-        hidden = self.model.encode(src[:, :-1], masks)
-        loss = next_item_loss(hidden.reshape(-1, hidden.shape[-1]), self.model.heads[0], src[:, 1:].reshape(-1))
-        if self.shard.parallel:
-            loss = loss * share if len(src) else 0.0 * hidden.sum()  # a rank without rows adds nothing
+        loss = self.task_loss(0, src, tgt, masks)
         if self.mask_reg and self.model.masked and self.shard.main:
             loss = loss + self.mask_reg * mask_mean(masks)
         return loss
@@ -135,15 +142,7 @@ class NewTaskStep(Step):
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, s: float) -> torch.Tensor:
         masks = self.model.masks(s)
-        batch = len(src)
-        if self.shard.parallel:  # this rank's rows, the mean over the whole batch
-            part, _ = self.rows(batch)
-            src, tgt = src[part], tgt[part]
-        [logits] = self.model.task_logits(src, [(self.model.num_tasks - 1, None)], masks)
-        if self.shard.parallel:
-            loss = F.cross_entropy(logits, tgt, reduction="sum") / batch
-        else:
-            loss = F.cross_entropy(logits, tgt)
+        loss = self.task_loss(self.model.num_tasks - 1, src, tgt, masks)
         return loss + self.penalty(masks) if self.penalty and self.shard.main else loss
 
 

@@ -105,7 +105,7 @@ AUTHORS_TASK1_EVAL_BATCH = 512  # the authors' train_task1.py evaluates in batch
 
 
 def authors_eval_batch(data: dl.TaskData, config: TrainConfig) -> int:
-    return AUTHORS_TASK1_EVAL_BATCH if getattr(data, "task", None) == 1 else config.batch
+    return AUTHORS_TASK1_EVAL_BATCH if data.task == 1 else config.batch
 
 
 def validation_rows(data: dl.TaskData, config: TrainConfig, epoch: int) -> np.ndarray | None:

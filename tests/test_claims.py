@@ -502,8 +502,8 @@ def test_select_on_random_batches_is_a_fresh_subset_of_full_batches():
     rows, end 48 < 50), distinct rows of the split; another epoch draws another subset, the same
     epoch and seed the same one; 48 examples give 2 batches (32 rows)."""
     class Split:
-        def __init__(self, n):
-            self.splits = {"valid": np.arange(1000, 1000 + n)}
+        def __init__(self, n, task=2):
+            self.task, self.splits = task, {"valid": np.arange(1000, 1000 + n)}
 
     config = trainer.TrainConfig(lr=1e-3, batch=16, epochs=1, seed=3, select_on="random_batches")
     rows1, rows2 = trainer.validation_rows(Split(50), config, 1), trainer.validation_rows(Split(50), config, 2)
@@ -512,9 +512,8 @@ def test_select_on_random_batches_is_a_fresh_subset_of_full_batches():
     assert np.array_equal(rows1, trainer.validation_rows(Split(50), config, 1))
     assert len(trainer.validation_rows(Split(48), config, 1)) == 32
     assert trainer.validation_rows(Split(50), trainer.TrainConfig(lr=1e-3, batch=16, epochs=1), 1) is None
-    task1 = Split(1100)
-    task1.task = 1  # the authors' task-1 script evaluates in batches of 512, whatever --batch: 2 batches
-    assert len(trainer.validation_rows(task1, config, 1)) == 1024
+    # the authors' task-1 script evaluates in batches of 512, whatever --batch: 2 batches
+    assert len(trainer.validation_rows(Split(1100, task=1), config, 1)) == 1024
 
 
 def test_select_on_random_batches_with_a_small_validation_split_is_one_error(data, base, tmp_path):
