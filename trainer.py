@@ -63,9 +63,12 @@ def autocast(device: torch.device, amp: str):
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, weight decay 0 (SPEC 6): the fused kernel on CUDA, the plain per-tensor loop on a CPU
-    (the update the committed results were trained with)."""
-    return torch.optim.Adam(params, lr=lr, weight_decay=0.0, fused=device.type == "cuda" or None)
+    """Adam, weight decay 0 (SPEC 6): the fused kernel on CUDA; on a CPU the foreach
+    implementation, bit for bit the per-tensor loop the committed results were trained with
+    (tests/test_optimizer.py) and about twice as fast over TTL's 335M task-1 parameters."""
+    if device.type == "cuda":
+        return torch.optim.Adam(params, lr=lr, weight_decay=0.0, fused=True)
+    return torch.optim.Adam(params, lr=lr, weight_decay=0.0, foreach=True)
 
 
 # --------------------------------------------------------------------------- evaluation
