@@ -130,3 +130,27 @@ def file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` (hidden temporary files included)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def relation_masks_by_hand(model, s: float):
+    """The paper's relation-aware masks (eq. 12-13, SPEC 4) of every task of a NextItNet, computed
+    here in float64 from its parameters one task and masked layer at a time:
+    E_t = [e_t; e_j; -e_j for every j != t, in increasing j] (rows), h = tanh(s * E_t),
+    a = w_t . h + b_t for every channel, m = sigmoid(s * a). Returns [T, M, C] float64."""
+    import torch
+
+    e = model.task_masks.task_embedding.detach().double()   # [T, M, C]
+    w = model.task_masks.relation_weight.detach().double()  # [T, M, 2T-1]
+    b = model.task_masks.relation_bias.detach().double()    # [T, M]
+    tasks, layers, channels = e.shape
+    out = torch.empty(tasks, layers, channels, dtype=torch.float64)
+    for t in range(tasks):
+        for m in range(layers):
+            rows = [e[t, m]]
+            for j in range(tasks):
+                if j != t:
+                    rows += [e[j, m], -e[j, m]]
+            h = torch.tanh(s * torch.stack(rows))           # [2T-1, C]
+            a = (w[t, m][:, None] * h).sum(dim=0) + b[t, m]  # [C]
+            out[t, m] = 1.0 / (1.0 + torch.exp(-s * a))
+    return out

@@ -81,13 +81,22 @@ def test_one_task_model_uses_plain_masks_even_with_relation():
 
 
 def test_relation_false_model_uses_plain_masks_for_several_tasks():
-    """`relation=False` gives plain masks for T>1; `relation=True` does not."""
+    """`relation=False` gives plain masks sigmoid(s * e_t) for T>1; `relation=True` gives the
+    relation-aware masks of eq. 12-13, computed by hand from the model's own embeddings and
+    relation MLPs (spread out so that every term shows), and they are not the plain ones."""
     plain = tiny_model((N_ITEMS, 4, 3), relation=False)
     s = 3.0
-    assert torch.allclose(plain.masks(s), torch.sigmoid(s * plain.task_masks.task_embedding.detach()))
+    e = plain.task_masks.task_embedding.detach().double()
+    np.testing.assert_allclose(plain.masks(s).detach().double(), 1.0 / (1.0 + torch.exp(-s * e)), atol=1e-6)
     rel = tiny_model((N_ITEMS, 4, 3), relation=True)
-    assert torch.allclose(rel.masks(s), rel.task_masks.relation_mask(s))
-    assert not torch.allclose(rel.masks(s), torch.sigmoid(s * rel.task_masks.task_embedding.detach()))
+    with torch.no_grad():
+        rel.task_masks.task_embedding.uniform_(-1.0, 1.0)
+        rel.task_masks.relation_weight.normal_(0.0, 0.5)
+        rel.task_masks.relation_bias.normal_(0.0, 0.3)
+    got = rel.masks(s)
+    assert got.shape == (3, 4, 8) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.detach().double(), helpers.relation_masks_by_hand(rel, s), rtol=0, atol=1e-6)
+    assert not torch.allclose(got, torch.sigmoid(s * rel.task_masks.task_embedding.detach()), atol=1e-2)
 
 
 def test_clamp_keeps_task_embeddings_in_range():

@@ -372,10 +372,18 @@ def test_new_task_step_is_cross_entropy_plus_optional_penalty(reg):
 
 
 def test_teacher_of_task_two_uses_plain_task1_mask():
-    """Training task 2: the teacher (one task) uses plain masks; the student relation masks."""
+    """Training task 2: the teacher (one task) uses the plain mask sigmoid(s * e_1); the student
+    the relation-aware masks of both tasks (eq. 12-13, computed by hand from its own parameters,
+    its fresh relation MLPs spread out so that every term shows)."""
     teacher, model = grown_pair(1)
-    assert torch.allclose(teacher.masks(5.0), torch.sigmoid(5.0 * teacher.task_masks.task_embedding))
-    assert torch.allclose(model.masks(5.0), model.task_masks.relation_mask(5.0))
+    e = teacher.task_masks.task_embedding.detach().double()
+    np.testing.assert_allclose(teacher.masks(5.0).detach().double(), 1.0 / (1.0 + torch.exp(-5.0 * e)), atol=1e-6)
+    with torch.no_grad():
+        model.task_masks.relation_weight.normal_(0.0, 0.5)
+        model.task_masks.relation_bias.normal_(0.0, 0.3)
+    got = model.masks(5.0)
+    assert got.shape == (2, 4, 8)
+    np.testing.assert_allclose(got.detach().double(), helpers.relation_masks_by_hand(model, 5.0), rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- the loop
