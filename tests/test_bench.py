@@ -1,31 +1,78 @@
-"""Smoke test of bench.py: smallest shapes, one repeat, every case kind; checks the JSON."""
+"""bench.py at the smallest shapes, every case kind, against hand counts; FLOP formulas; bench_authors' argument handling."""
 import json
-import math
+
+import pytest
 
 import bench
 
 
+# Hand counts for the smoke test's shapes: C 16, kernel 3, 8 blocks (the default dilations), 40 items,
+# length 5, task n = 3 with rho 0.5, batches 3 (task 1), 6 (task n), 4 (evaluation), 1000-class heads.
+PER_POSITION = 8 * 2 * (2 * 3 * 16 * 16)                                 # 24576: 16 convs of 2kC^2
+TASK1 = 3 * (3 * 4 * PER_POSITION + 2 * 16 * 40 * 3 * 4)                # 3 x (12 positions + their head)
+PAST_HEADS = 2 * 16 * 40 * 3 + 2 * 16 * 1000 * 3                        # 3 replayed rows of each past task
+STUDENT = (6 + 3 + 3) * 5 * PER_POSITION + 2 * 16 * 1000 * 6 + PAST_HEADS
+TEACHER = (3 + 3) * 5 * PER_POSITION + PAST_HEADS
+EVAL1 = 4 * 4 * PER_POSITION + 2 * 16 * 40 * 4                          # B(L-1) positions, head on B rows
+EVAL3 = 4 * 5 * PER_POSITION + 2 * 16 * 1000 * 4
+
+
 def test_bench_smoke(tmp_path, capsys):
+    """Smallest shapes, three repeats, every case kind. The JSON's FLOP counts are the ones
+    counted by hand above (task 1 930,816; task 3 at rho 0.5 3 x 1,766,400 + 837,120; evaluation
+    398,336 and 619,520), the rows of task n 6 + 2 x floor(0.5 x 6) and 2 x 3, the task-1
+    parameters (embedding 40x16, 8 blocks of two 3-tap 16x16 convs with bias and two LayerNorms,
+    mask and relation parameters of one task, head 16x40 + 40); median_s is the middle of the
+    three times, seq/s and FLOP/s follow from it, and the fraction of the matmul rate lies in
+    (0, 1) for these tiny steps (a count off by the 3x of training or a factor C would leave it
+    or the hand counts)."""
     out = tmp_path / "bench.json"
     result = bench.main(["--device", "cpu", "--quick", "--channels", "16", "--items", "40", "--lengths", "5",
                          "--tasks", "3", "--rhos", "0.5", "--batch1", "3", "--batchn", "6", "--batch-eval", "4",
-                         "--repeats", "1", "--warmup", "0", "--matmul-size", "64", "--json", str(out)])
+                         "--repeats", "3", "--warmup", "0", "--matmul-size", "64", "--json", str(out)])
     data = json.loads(out.read_text())
     assert data["meta"]["device"] == "cpu" and data["meta"]["amp"] == "fp32"
     assert {"fp32", "bf16"} <= set(data["meta"]["matmul"])
-    assert [r["kind"] for r in data["results"]] == ["task1", "taskn", "eval", "eval"]
-    for r in data["results"]:
+    assert [r["case"] for r in data["results"]] == ["task1 N=40 L=5", "taskn N=40 L=5 n=3 rho=0.5",
+                                                    "eval N=40 L=5 task=1", "eval N=40 L=5 task=3"]
+    assert [r["flops"] for r in data["results"]] == [TASK1, 3 * STUDENT + TEACHER, EVAL1, EVAL3]
+    assert (TASK1, 3 * STUDENT + TEACHER, EVAL1, EVAL3) == (930816, 6136320, 398336, 619520)
+    reference = data["meta"]["matmul"]["fp32"]["flops_per_s"]
+    for r, batch in zip(data["results"], (3, 6, 4, 4)):
         assert "error" not in r, r
-        for key in ("case", "times", "median_s", "seq_per_s", "flops", "flops_per_s", "frac_of_matmul",
-                    "peak_mem_bytes", "peak_mem_kind"):
-            assert key in r, key
-        assert len(r["times"]) == 1 and r["median_s"] > 0 and r["peak_mem_bytes"] > 0
-        assert math.isclose(r["seq_per_s"], r["batch"] / r["median_s"])
+        times = r["times"]
+        assert len(times) == 3 and min(times) > 0 and r["peak_mem_bytes"] > 0
+        assert r["batch"] == batch and r["median_s"] == sorted(times)[1] and r["min_s"] == min(times)
+        assert r["seq_per_s"] == pytest.approx(batch / sorted(times)[1], rel=1e-12)
+        assert r["flops_per_s"] == pytest.approx(r["flops"] / sorted(times)[1], rel=1e-12)
+        assert r["frac_of_matmul"] == pytest.approx(r["flops_per_s"] / reference, rel=1e-12)
+        assert 0 < r["frac_of_matmul"] < 1
     t1, tn = data["results"][0], data["results"][1]
-    assert t1["full_logits_bytes"] == 3 * 4 * 40 * 4 * 2
-    # rows: 6 new-task rows + 2 past tasks x floor(0.5 * 6)
-    assert (tn["rows_student"], tn["rows_teacher"]) == (12, 6)
-    assert result["results"][0]["case"] in capsys.readouterr().out
+    assert t1["positions"] == 12 and t1["full_logits_bytes"] == 12 * 40 * 4 * 2
+    assert t1["params"] == 40 * 16 + 8 * 2 * (16 * 16 * 3 + 16 + 2 * 16) + 16 * 16 + 16 + 16 + 16 * 40 + 40
+    assert (tn["rows_student"], tn["rows_teacher"], tn["subset_rows"]) == (12, 6, 3)
+    assert tn["task1_replay_logits_bytes"] == 3 * 40 * 4
+    assert set(t1["adam"]) == {"in_step", "foreach=False", "foreach=True"}  # no fused Adam on a CPU
+    printed = capsys.readouterr().out
+    assert all(r["case"] in printed for r in result["results"])
+
+
+def test_hand_convention_is_what_torch_counts_in_the_model():
+    """The convention of the hand counts, checked on the model itself: torch's FlopCounterMode,
+    counting the convolutions and matmuls that a NextItNet (C 16, the 8 default blocks) runs to
+    encode 3 sequences of 5 items and score their last position with a 40-item head, finds
+    15 positions x PER_POSITION + 2 x 16 x 40 x 3 (bench.py's formulas give the same)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nextitnet import NextItNet
+    torch.manual_seed(0)
+    model = NextItNet(40, [40], channels=16)
+    seqs = torch.randint(1, 40, (3, 5))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.heads[0](model.encode(seqs, model.masks(50.0))[:, -1])
+    assert counter.get_total_flops() == 15 * PER_POSITION + 2 * 16 * 40 * 3 == 372480
+    assert bench.eval_flops(3, 6, 40, True, 16, 3, 8) == 372480  # task 1 encodes L - 1 = 5 positions
 
 
 def test_flop_counts():
