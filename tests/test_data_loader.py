@@ -84,8 +84,10 @@ def test_split_by_source_keeps_each_line_in_one_split():
 
 
 def test_split_by_unknown_is_user_error():
-    with pytest.raises(UserError):
+    """An unknown --split_by is one UserError naming the flag, its value and the two choices."""
+    with pytest.raises(UserError) as e:
         dl.split_examples(np.arange(10), 0, by="user")
+    assert str(e.value) == "--split_by user: use 'example' or 'source'"
 
 
 # ------------------------------------------------------------------------------ batching
@@ -165,20 +167,27 @@ def test_item_index_file_is_never_evaluated(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "index.json"
     path.write_text(f"{{'items': [1, 2], 'x': open({str(marker)!r}, 'w').close()}}")
+    content = path.read_bytes()
     with pytest.raises(UserError) as e:
         dl.load_item_index(path)
-    assert str(path) in str(e.value)
-    assert not marker.exists()
+    assert str(e.value) == (f"{path}: not valid JSON (Expecting property name enclosed in double quotes: "
+                            "line 1 column 2 (char 1))")
+    assert not marker.exists() and path.read_bytes() == content and list(tmp_path.iterdir()) == [path]
 
 
 def test_item_index_edited_file_is_refused(tmp_path):
+    """An index whose items no longer match its checksum is refused, naming the file and the
+    mismatch; the file stays as it was."""
     path = tmp_path / "index.json"
     dl.save_item_index(path, np.array([1, 2, 5]), "t1.csv")
     obj = json.loads(path.read_text())
     obj["items"] = [1, 2, 6]
     path.write_text(json.dumps(obj))
-    with pytest.raises(UserError):
+    content = path.read_bytes()
+    with pytest.raises(UserError) as e:
         dl.load_item_index(path)
+    assert str(e.value) == f"{path}: item index checksum does not match its items (file edited?)"
+    assert path.read_bytes() == content and list(tmp_path.iterdir()) == [path]
 
 
 def test_source_item_absent_from_index_names_file_and_line(tmp_path):
@@ -187,8 +196,8 @@ def test_source_item_absent_from_index_names_file_and_line(tmp_path):
     path.write_text("0,3,7,,1\n0,7,9,,2\n3,8,9,,1\n")
     with pytest.raises(UserError) as e:
         dl.load_task(2, path, np.array([3, 7, 9]), seed=0)
-    msg = str(e.value)
-    assert str(path) in msg and "line 3" in msg and "8" in msg
+    assert str(e.value) == f"{path}: line 3: item 8 is not in the task-1 item index"
+    assert path.read_text() == "0,3,7,,1\n0,7,9,,2\n3,8,9,,1\n" and list(tmp_path.iterdir()) == [path]
 
 
 # -------------------------------------------------------------------------------- readers
@@ -231,61 +240,75 @@ def test_crlf_and_missing_final_newline_give_same_arrays(tmp_path, reader, text)
         assert src.tolist() == [[0, 1, 2], [3, 4, 5]] and tgt.tolist() == [4, 6, 7] and line.tolist() == [0, 1, 1]
 
 
-@pytest.mark.parametrize("reader,content,line", [
-    ("seq", b"1,2,3\n4,x,6\n", 2),
-    ("seq", b"1,2,3\n4,5,6\n7,8,1.5\n", 3),
-    ("seq", b"1,2,3\n4,-5,6\n", 2),
-    ("seq", b"1,2,3\n4,5,6\n7,8\n", 3),
-    ("seq", b"1,2,3\n4,5,6,7\n", 2),
-    ("seq", b"1,2,3\n\n4,5,6\n", 2),
-    ("seq", b"\xef\xbb\xbf1,2,3\n4,5,6\n", 1),
-    ("task", b"\xef\xbb\xbf1,2,3,,4\n", 1),
-    ("task", b"1,2,3,,4\n1,2,3,4\n", 2),
-    ("task", b"1,2,3,,4\n1,2,3,,\n", 2),
-    ("task", b"1,2,3,,4\n1,2,x,,5\n", 2),
-    ("task", b"1,2,3,,4\n1,2,3,,-5\n", 2),
-    ("task", b"1,2,3,,4\n1,2,3,,a\n", 2),
-    ("task", b"1,2,3,,4\n1,2,3,,4\n1,2,,4\n", 3),
-    ("task", b"1,2,3,,4\r\n1,2,3,,4,\r\n", 2),
+TOKEN = "not a non-negative integer below 10**18"
+TARGETS = "are not comma-separated non-negative integers below 10**18"
+BOM = "line 1: starts with a byte-order mark; save the file as plain ASCII/UTF-8"
+
+
+@pytest.mark.parametrize("reader,content,message", [
+    ("seq", b"1,2,3\n4,x,6\n", f"line 2: sequence has token 'x', {TOKEN}"),
+    ("seq", b"1,2,3\n4,5,6\n7,8,1.5\n", f"line 3: sequence has token '1.5', {TOKEN}"),
+    ("seq", b"1,2,3\n4,-5,6\n", f"line 2: sequence has token '-5', {TOKEN}"),
+    ("seq", b"1,2,3\n4,5,6\n7,8\n", "line 3: sequence has 2 items, line 1 has 3; pad every line to one length"),
+    ("seq", b"1,2,3\n4,5,6,7\n", "line 2: sequence has 4 items, line 1 has 3; pad every line to one length"),
+    ("seq", b"1,2,3\n\n4,5,6\n", "line 2: sequence is empty"),
+    ("seq", b"\xef\xbb\xbf1,2,3\n4,5,6\n", BOM),
+    ("task", b"\xef\xbb\xbf1,2,3,,4\n", BOM),
+    ("task", b"1,2,3,,4\n1,2,3,4\n", "line 2: no ',,' between the source sequence and the targets"),
+    ("task", b"1,2,3,,4\n1,2,3,,\n", "line 2: no target after ',,'"),
+    ("task", b"1,2,3,,4\n1,2,x,,5\n", f"line 2: source has token 'x', {TOKEN}"),
+    ("task", b"1,2,3,,4\n1,2,3,,-5\n", f"line 2: targets '-5' {TARGETS}"),
+    ("task", b"1,2,3,,4\n1,2,3,,a\n", f"line 2: targets 'a' {TARGETS}"),
+    ("task", b"1,2,3,,4\n1,2,3,,4\n1,2,,4\n", "line 3: source has 2 items, line 1 has 3; pad every line to one length"),
+    ("task", b"1,2,3,,4\r\n1,2,3,,4,\r\n", f"line 2: targets '4,' {TARGETS}"),
 ])
-def test_bad_file_error_names_file_and_line(tmp_path, reader, content, line):
-    """Malformed files raise UserError naming the file and the offending line: non-integer,
-    negative and fractional tokens, ragged lengths, blank lines, a byte-order mark, a task-n
-    line without ',,' or without targets, bad targets."""
+def test_bad_file_error_names_file_and_line(tmp_path, reader, content, message):
+    """Malformed files raise UserError naming the file, the offending line and what is wrong
+    there: non-integer, negative and fractional tokens, ragged lengths, blank lines, a byte-order
+    mark, a task-n line without ',,' or without targets, bad targets. The file is left as it was."""
     path = tmp_path / "bad.csv"
     path.write_bytes(content)
     read = dl.read_sequence_file if reader == "seq" else dl.read_task_file
     with pytest.raises(UserError) as e:
         read(path)
-    msg = str(e.value)
-    assert str(path) in msg
-    assert f"line {line}:" in msg, msg
+    assert str(e.value) == f"{path}: {message}"
+    assert path.read_bytes() == content and list(tmp_path.iterdir()) == [path]
 
 
 @pytest.mark.parametrize("reader", ["seq", "task"])
 def test_empty_file_is_user_error_naming_the_file(tmp_path, reader):
+    """An empty file is one UserError: '<file>: file is empty'."""
     path = tmp_path / "empty.csv"
     path.write_bytes(b"")
     read = dl.read_sequence_file if reader == "seq" else dl.read_task_file
     with pytest.raises(UserError) as e:
         read(path)
-    assert str(path) in str(e.value) and "empty" in str(e.value)
+    assert str(e.value) == f"{path}: file is empty"
+    assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == b""
 
 
 def test_missing_file_is_user_error(tmp_path):
+    """A missing file is one UserError: '<file>: file not found'; nothing is created."""
     with pytest.raises(UserError) as e:
         dl.read_sequence_file(tmp_path / "nope.csv")
-    assert "nope.csv" in str(e.value)
+    assert str(e.value) == f"{tmp_path / 'nope.csv'}: file not found"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_task1_refuses_all_padding_and_one_column(tmp_path):
+    """A task-1 file of padding only, or of one-item sequences, is one UserError naming the file
+    and why nothing can be learned from it; the file is left as it was."""
     p = tmp_path / "pad.csv"
     p.write_text("0,0,0\n0,0,0\n")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as e:
         dl.load_task1(p, 0)
+    assert str(e.value) == f"{p}: every item is padding (0); nothing to learn"
+    assert p.read_text() == "0,0,0\n0,0,0\n" and list(tmp_path.iterdir()) == [p]
     p.write_text("1\n2\n")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as e:
         dl.load_task1(p, 0)
+    assert str(e.value) == f"{p}: sequences need at least 2 items (inputs seq[:-1], target seq[-1])"
+    assert p.read_text() == "1\n2\n" and list(tmp_path.iterdir()) == [p]
 
 
 # -------------------------------------------------------------------------------- metrics
