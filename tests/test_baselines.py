@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import NUM_ITEMS, ROOT, SEQ_LEN, raw_item, run_script_in_process, write_task1, write_task_ranking
+from helpers import NUM_ITEMS, ROOT, SEQ_LEN, file_hashes, raw_item, run_script_in_process, write_task1, write_task_ranking
 import prepare_data
 import cli
 import reproduce
@@ -439,15 +439,16 @@ def test_every_method_records_itself_and_evaluates(small, method):
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_continuing_with_another_method_is_a_user_error(small, method, tmp_path):
-    """Task 2 with a --method other than the task-1 checkpoint's: one UserError naming both
-    methods, raised before anything is written."""
+    """Task 2 with a --method other than the task-1 checkpoint's: one UserError naming the
+    checkpoint and both methods, raised before anything is written; the task-1 run is untouched."""
     other = ALL_METHODS[(ALL_METHODS.index(method) + 1) % len(ALL_METHODS)]
     folder = small.run(method)
+    before = file_hashes(folder)
     with pytest.raises(UserError) as err:
         train(tmp_path, 2, small.t2, other, "--epochs", "1", paths=folder / "task1.pt",
               index=folder / "index.json")
-    assert method in str(err.value) and other in str(err.value)
-    assert list(tmp_path.iterdir()) == []
+    assert str(err.value) == f"{folder / 'task1.pt'}: made by --method {method}, not {other}"
+    assert list(tmp_path.iterdir()) == [] and file_hashes(folder) == before
 
 
 def test_method_mismatch_through_the_script_is_one_error_line(small, tmp_path):

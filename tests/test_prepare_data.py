@@ -485,17 +485,20 @@ def run_cli_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(["prepare_data.py", *args], rc, out, err)
 
 
-@pytest.mark.parametrize("args", [
-    ["ttl", "--source", "/nonexistent/ttl"],
-    ["ml-25m", "--source", "/nonexistent/ml-25m.zip"],
-    ["synthetic", "--tasks", "1"],
+@pytest.mark.parametrize("args,error", [
+    (["ttl", "--source", "/nonexistent/ttl"], "error: /nonexistent/ttl: --source must be the folder holding the six TTL files"),
+    (["ml-25m", "--source", "/nonexistent/ml-25m.zip"],
+     "error: /nonexistent/ml-25m.zip: --source not found (give ml-25m.zip or a folder with ratings.csv and movies.csv)"),
+    (["synthetic", "--tasks", "1"], "error: --tasks 1: need at least 2"),
 ])
-def test_cli_errors(tmp_path, args):
+def test_cli_errors(tmp_path, args, error):
+    """A missing --source (TTL folder, MovieLens zip) or too few synthetic tasks: exit status 2,
+    one `error:` line naming the path or flag and the problem, no traceback, and no --out folder."""
     proc = run_cli_in_process(*args, "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
+    assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [error], proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_truncated_zip(tmp_path):
