@@ -136,7 +136,7 @@ def draw_curves(rows: list[dict], method: str, path: Path) -> None:
         axes[1, j].set_ylabel(f"valid {mine[0]['valid_metric']}" if j == 0 else mine[0]["valid_metric"], fontsize=8)
         axes[2, j].plot(x, [r["s_max"] for r in mine], marker=".", label="max")
         axes[2, j].plot(x, [r["s_min"] for r in mine], marker=".", label="min")
-        past = len(mine[-1]["rho_mean"])
+        past = max(len(r["rho_mean"]) for r in mine)  # an epoch that recorded no rho keeps the lines
         for i in range(past):
             axes[3, j].plot(x, [r["rho_mean"][i] if len(r["rho_mean"]) > i else np.nan for r in mine],
                             marker=".", label=f"task {i + 1}")

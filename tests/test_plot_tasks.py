@@ -319,3 +319,23 @@ def test_without_matplotlib_csvs_then_user_error(hand_run, tmp_path, monkeypatch
     assert sorted(p.name for p in out.iterdir()) == ["curves.csv", "forgetting.csv", "forgetting_relative.csv",
                                                      "task_relation.csv"]
     assert (out / "forgetting_relative.csv").read_text().splitlines()[-1] == "after task3,1.250000,,1.000000"
+
+
+def test_curves_keep_the_rho_lines_when_the_last_epoch_has_no_retention(tmp_path, monkeypatch):
+    """A task whose last epoch recorded no rho
+    still gets one rho line per past task, with no point at that epoch, not "no retention"."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    captured = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: (captured.append(fig), real_savefig(fig, *a, **kw))[1])
+    row = {"task": 2, "name": "t2", "valid_metric": "mrr@5", "s_min": 0.02, "s_max": 50.0}
+    rows = [{**row, "train_loss": 1.0, "valid": 0.1, "best": False, "rho_mean": [0.25]},
+            {**row, "train_loss": 0.5, "valid": 0.2, "best": True, "rho_mean": []}]
+    plot_tasks.draw_curves(rows, "conure", tmp_path / "curves.png")
+    rho_axis = captured[0].axes[3]
+    [line] = rho_axis.get_lines()
+    assert list(line.get_xdata()) == [1, 2]
+    assert line.get_ydata()[0] == 0.25 and np.isnan(line.get_ydata()[1])
+    assert [t.get_text() for t in rho_axis.texts] == []
