@@ -322,8 +322,8 @@ def test_without_matplotlib_csvs_then_user_error(hand_run, tmp_path, monkeypatch
 
 
 def test_curves_keep_the_rho_lines_when_the_last_epoch_has_no_retention(tmp_path, monkeypatch):
-    """A task whose last epoch recorded no rho
-    still gets one rho line per past task, with no point at that epoch, not "no retention"."""
+    """A task whose last epoch recorded no rho still gets one rho line per past task, with no
+    point at that epoch, not "no retention"."""
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
