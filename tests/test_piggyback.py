@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cli
 from checkpoint import load_checkpoint
 from evaluate import evaluate_checkpoint
 from methods import pack_bits, unpack_bits
@@ -90,46 +89,3 @@ def test_a_broken_mask_entry_is_one_error(chain, tmp_path):
     torch.save(ckpt, tmp_path / "broken.pt")
     with pytest.raises(UserError, match=r"broken\.pt: not a TERACON checkpoint \(piggyback_masks is not 2 list"):
         load_checkpoint(tmp_path / "broken.pt")
-
-
-@pytest.mark.parametrize("method", ["piggyback", "peterrec"])
-def test_an_interrupted_task_resumes_to_the_uninterrupted_weights(chain, tmp_path, monkeypatch, method):
-    """Task 2 stopped right after the resumable state of epoch 1 (Ctrl-C), then `--resume`:
-    the weights (and Piggyback's stored masks) equal those of the uninterrupted run, bit for
-    bit; the method's own trained state (the scores, the patches) comes back with it."""
-    d = chain
-    t1 = tmp_path / "t1"
-    t1.mkdir()
-    common = ["--datapath_index", str(t1 / "index.json"), "--device", "cpu", "--seed", "0", "--quiet",
-              "--method", method, "--eval_batch", "64"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cli.main(["--datapath", str(d / "t1.csv"), "--savepath", str(t1 / "task1"), "--channels", "8",
-                  "--dilations", "1", "2", "--epochs", "1", "--batch", "16", *common], task=1)
-        task2 = ["--datapath", str(d / "t2.csv"), "--paths", str(t1 / "task1.pt"), "--epochs", "3", "--batch", "16",
-                 "--lr", "1e-2", "--patience", "10", *common]
-        cli.main([*task2, "--savepath", str(tmp_path / "whole")], task=2)
-        real = cli.TaskRun.snapshot
-
-        def stop_after_epoch_1(self, progress, optimizer):
-            real(self, progress, optimizer)
-            if progress.epoch == 2 and progress.batch == 0:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(cli.TaskRun, "snapshot", stop_after_epoch_1)
-        with pytest.raises(KeyboardInterrupt):
-            cli.main([*task2, "--savepath", str(tmp_path / "cut")], task=2)
-        monkeypatch.setattr(cli.TaskRun, "snapshot", real)
-        assert (tmp_path / "cut.resume.pt").is_file()
-        cli.main([*task2, "--savepath", str(tmp_path / "cut"), "--resume"], task=2)
-    finally:
-        torch.set_num_threads(threads)
-    import json
-    epochs = [json.loads((tmp_path / f"{name}.json").read_text())["epochs"] for name in ("whole", "cut")]
-    assert len(epochs[0]) == 3  # epochs 2 and 3 ran after the resume: their losses and metrics agree exactly
-    assert [(e["train_loss"], e["valid"]) for e in epochs[0]] == [(e["train_loss"], e["valid"]) for e in epochs[1]]
-    whole, cut = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(tmp_path / "cut.pt")
-    assert all(torch.equal(whole["state_dict"][k], cut["state_dict"][k]) for k in whole["state_dict"])
-    if method == "piggyback":
-        assert all(torch.equal(a, b) for a, b in zip(whole["piggyback_masks"][0], cut["piggyback_masks"][0]))

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
 import rehearsal_report  # noqa: E402
 from utils import UserError  # noqa: E402
 

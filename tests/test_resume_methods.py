@@ -1,6 +1,6 @@
-"""--resume for every method and phase the kill test (test_resume.py, TERACON task 2) and the
-Piggyback/PeterRec test (test_piggyback.py) leave out: task 1, HAT, SinMo, fine-tuning, MTL, and
-CONURE both in its training and in its retraining phase. Each run is stopped right after the
+"""--resume for every method and phase the kill test (test_resume.py, TERACON task 2) leaves out:
+task 1, HAT, SinMo, fine-tuning, MTL, PeterRec, Piggyback (its scores restored, its stored masks
+equal), and CONURE both in its training and in its retraining phase. Each run is stopped right after the
 resumable state of a chosen epoch is written (Ctrl-C at that point), then continued with
 `--resume`; its checkpoint must equal the uninterrupted run's tensor for tensor, bit for bit, and
 its per-epoch record (losses, metrics) must be the same."""
@@ -16,7 +16,8 @@ import helpers
 
 # (method, task, phase the stop lands in, extra flags of that task)
 CASES = [("teracon", 1, "train", []), ("hat", 2, "train", []), ("sinmo", 2, "train", []),
-         ("fineall", 2, "train", []), ("mtl", 2, "train", []),
+         ("fineall", 2, "train", []), ("mtl", 2, "train", []), ("peterrec", 2, "train", []),
+         ("piggyback", 2, "train", []),
          ("conure", 2, "train", ["--retrain_epochs", "3"]), ("conure", 2, "retrain", ["--retrain_epochs", "3"])]
 
 
