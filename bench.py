@@ -48,7 +48,7 @@ share the machine). On a CPU the same is also given per CPU-second (`time.proces
 threads of this process: the step's FLOPs per CPU-second over the matmul's), column
 `%mm/cpu-s`: while other processes take cores away it changes far less than the wall-clock
 ratio, most of all with `--threads 1` (waiting OpenMP threads spin and count). The JSON also holds the rate of a GEMM of the convolution's shape
-([M, kC] x [kC, C] through F.linear under autocast; the model itself runs F.conv1d) for comparison.
+([M, kC] x [kC, C] through F.linear under autocast; the model itself runs F.conv2d over a channels-last view) for comparison.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` (reset before every case); on CPU
 the resident-set high-water mark of the whole process (`resource.getrusage().ru_maxrss`),
