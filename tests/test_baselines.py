@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import NUM_ITEMS, ROOT, SEQ_LEN, file_hashes, raw_item, run_script_in_process, write_task1, write_task_ranking
+from helpers import (NUM_ITEMS, ROOT, SEQ_LEN, file_hashes, in_process_runner, raw_item, run_script_in_process,
+                     write_task1, write_task_ranking)
 import prepare_data
 import cli
 import reproduce
@@ -474,26 +475,6 @@ EXPECTED_METRICS = {"ranking": ("mrr@5", "ndcg@5", "hr@5"), "accuracy": ("accura
 CELL = re.compile(r"^(\d+\.\d+) ± (\d+\.\d+)$")
 
 
-def _in_process_runner(calls: list[list[str]]):
-    """A stand-in for reproduce's `subprocess.run`: runs the training script's `main` in this
-    process with the argv reproduce built (saves ~6 s of interpreter and torch start-up per
-    stage), recorded in `calls` as built; task 1 stages get `TINY` appended (the last value of a
-    flag wins: a 16-channel, 2-block model instead of the paper preset's 256 channels and 8
-    blocks; later stages take the checkpoint's). A UserError becomes exit status 2, as in the
-    scripts."""
-    def run(cmd, *args, **kwargs):
-        assert not args and not kwargs and cmd[0] == sys.executable
-        script, argv = Path(cmd[1]), list(cmd[2:])
-        assert script.parent == ROOT and script.name in ("train_task1.py", "train_teracon.py"), cmd
-        calls.append([script.name, *argv])
-        try:
-            cli.main([*argv, *TINY], task=1) if script.name == "train_task1.py" else cli.main(argv)
-        except UserError:
-            return subprocess.CompletedProcess(cmd, 2)
-        return subprocess.CompletedProcess(cmd, 0)
-    return run
-
-
 def _flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
@@ -522,7 +503,7 @@ def test_reproduce_table_two_methods_two_seeds_and_skips_when_done(tmp_path, mon
     names = {int(t["task"]): t["name"] for t in manifest["tasks"]}
     assert kinds[1] == "ranking" and "accuracy" in kinds.values()  # both row shapes are exercised
     calls: list[list[str]] = []
-    monkeypatch.setattr(reproduce, "subprocess", types.SimpleNamespace(run=_in_process_runner(calls)))
+    monkeypatch.setattr(reproduce, "subprocess", types.SimpleNamespace(run=in_process_runner(calls, TINY)))
     methods, seeds = ["teracon", "fineall"], [0, 1]
     argv = ["--dataset", str(manifest_path), "--methods", *methods, "--seeds", "0", "1",
             "--max_epochs", "1", "--out", str(tmp_path / "results"), "--device", "cpu", "--no_plots"]

@@ -518,3 +518,57 @@ def test_cli_synthetic_default_out(tmp_path):
     assert m["dataset"] == "synthetic"
     assert "| 1 | watch |" in proc.stderr  # the statistics table is logged
     assert not [p for p in (tmp_path / "Data" / "synthetic").iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------ the ml-100k preset
+
+def _generated_ml100k(users: int = 40, ratings: int = 32, items: int = 60) -> tuple[bytes, bytes]:
+    """A RecBole-format ml-100k table made by rule: user u rates the items u, u+1, ... (mod
+    `items`) at times 1, 2, ...; ratings cycle 1-5; movies get one of four genres and a year
+    between 1950 and 1999."""
+    inter = [(str(u), str(1 + (u + k) % items), str(1 + (u + k) % 5), str(k)) for u in range(1, users + 1)
+             for k in range(1, ratings + 1)]
+    genres = ("Action", "Comedy", "Drama", "Thriller")
+    movies = [(str(i), f"Movie {i}", str(1950 + (7 * i) % 50), genres[i % 4]) for i in range(1, items + 1)]
+    return _atomic(inter, INTER_HEADER), _atomic(movies, ITEM_HEADER)
+
+
+def test_reproduce_runs_the_ml100k_preset_on_a_prepared_recbole_table(tmp_path, monkeypatch):
+    """`prepare_data.py ml-100k` on a hand-made RecBole table (40 users x 32 ratings), then
+    `reproduce.py --dataset .../tasks.json --max_epochs 1`: the dataset's own preset is used
+    without --preset, each stage gets exactly its flags (task 1: lr 1e-3, batch 32, 64 channels;
+    tasks 2-6: lr 1e-3, batch 256, smax 50, alpha 0.7, patience 10, --min_retention_rows 16,
+    --select_by mrr@5), every stage trains and records them, and matrix.json covers the six tasks."""
+    import types
+
+    import reproduce
+    from checkpoint import load_checkpoint
+    inter, item = _generated_ml100k()
+    _fake_wheel(tmp_path / "cache" / pd_.RECBOLE_WHEEL, monkeypatch, inter, item)
+    manifest = pd_.main(["ml-100k", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "ml-100k")])
+    assert check_manifest(manifest)["dataset"] == "ml-100k"
+    calls: list[list[str]] = []
+    monkeypatch.setattr(reproduce, "subprocess", types.SimpleNamespace(run=helpers.in_process_runner(calls, [])))
+    reproduce.main(["--dataset", str(manifest), "--seeds", "0", "--max_epochs", "1", "--out", str(tmp_path / "results"),
+                    "--device", "cpu", "--no_plots"])
+
+    def flags(call: list[str]) -> dict[str, str]:
+        return {call[i][2:]: call[i + 1] for i in range(1, len(call) - 1) if call[i].startswith("--")
+                and not call[i + 1].startswith("--")}
+
+    want1 = {"epochs": "1", "lr": "0.001", "batch": "32", "channels": "64"}
+    wantn = {"epochs": "1", "lr": "0.001", "batch": "256", "smax": "50", "alpha": "0.7", "patience": "10",
+             "min_retention_rows": "16", "select_by": "mrr@5"}
+    assert len(calls) == 6
+    folder = tmp_path / "results" / "ml-100k" / "teracon" / "seed0"
+    for task, call in enumerate(calls, 1):
+        got, want = flags(call), want1 if task == 1 else wantn
+        assert {k: got.get(k) for k in want} == want, task
+        summary = json.loads((folder / f"task{task}.json").read_text())
+        assert summary["finished"] and len(summary["epochs"]) == 1, task
+        recorded = summary["args"]
+        for k, v in want.items():
+            assert str(recorded[k]) == v or recorded[k] == pytest.approx(float(v)), (task, k, recorded[k])
+        assert load_checkpoint(folder / f"task{task}.pt")["config"]["channels"] == 64
+    matrix = json.loads((folder / "matrix.json").read_text())
+    assert [len(rows) for rows in matrix["after"]] == [1, 2, 3, 4, 5, 6]

@@ -89,3 +89,58 @@ def test_a_run_stopped_after_an_epoch_resumes_bit_for_bit(data, tmp_path, monkey
     assert a.keys() == b.keys()
     for key in a:
         assert _equal(a[key], b[key]), key
+
+
+def test_reproduce_continues_an_interrupted_stage_bit_for_bit(tmp_path, monkeypatch):
+    """reproduce.py interrupted inside task 2 (Ctrl-C right after the resumable state of its
+    second epoch is written), then the same command again: task 1 is skipped, task 2 continues
+    with --resume, task 3 runs, and every checkpoint, run summary and matrix.json equals those
+    of an uninterrupted reproduce.py run, bit for bit."""
+    import types
+
+    import prepare_data
+    import reproduce
+    manifest = prepare_data.make_synthetic(tmp_path / "data", users=40, items=40, seq_len=6, num_tasks=3, seed=0)
+    runs = {}
+
+    def reproduce_into(name: str) -> list[list[str]]:
+        calls: list[list[str]] = []
+        monkeypatch.setattr(reproduce, "subprocess",
+                            types.SimpleNamespace(run=helpers.in_process_runner(calls, ["--channels", "8", "--dilations", "1", "2"])))
+        runs[name] = tmp_path / name
+        reproduce.main(["--dataset", str(manifest), "--methods", "teracon", "--seeds", "0", "--max_epochs", "3",
+                        "--out", str(runs[name]), "--device", "cpu", "--no_plots"])
+        return calls
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reproduce_into("whole")
+        real, stops = cli.TaskRun.snapshot, []
+
+        def stop_in_task2(self, progress, optimizer):
+            real(self, progress, optimizer)
+            if self.args.task == 2 and progress.epoch == progress.first_epoch + 1 and progress.batch == 0:
+                stops.append(progress.epoch)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli.TaskRun, "snapshot", stop_in_task2)
+        with pytest.raises(KeyboardInterrupt):
+            reproduce_into("cut")
+        monkeypatch.setattr(cli.TaskRun, "snapshot", real)
+        assert stops == [2]
+        calls = reproduce_into("cut")
+    finally:
+        torch.set_num_threads(threads)
+    assert [c[c.index("--task") + 1] if "--task" in c else "1" for c in calls] == ["2", "3"]  # task 1 skipped
+    assert "--resume" in calls[0] and "--resume" not in calls[1]
+    whole, cut = (runs[n] / "synthetic" / "teracon" / "seed0" for n in ("whole", "cut"))
+    strip = lambda es: [{k: v for k, v in e.items() if k not in ("seconds", "timing")} for e in es]  # noqa: E731
+    for task in (1, 2, 3):
+        a, b = _state(whole / f"task{task}.pt"), _state(cut / f"task{task}.pt")
+        assert a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a if k != "args"), task
+        differ = {k for k in a["args"] if a["args"][k] != b["args"].get(k)}
+        assert differ <= {"paths", "datapath_index"}, differ  # the two runs' folders
+        sa, sb = (json.loads((f / f"task{task}.json").read_text()) for f in (whole, cut))
+        assert strip(sa["epochs"]) == strip(sb["epochs"]) and sa["test"] == sb["test"], task
+    assert json.loads((whole / "matrix.json").read_text()) == json.loads((cut / "matrix.json").read_text())
