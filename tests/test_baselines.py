@@ -19,8 +19,6 @@ import logging
 import math
 import re
 import statistics
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (NUM_ITEMS, ROOT, SEQ_LEN, file_hashes, in_process_runner, raw_item, run_script_in_process,
+from helpers import (NUM_ITEMS, SEQ_LEN, file_hashes, in_process_runner, raw_item, run_script_in_process,
                      write_task1, write_task_ranking)
 import prepare_data
 import cli
