@@ -47,7 +47,11 @@ def pre_redesign():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("redesign_data")
+    return write_recipe_data(tmp_path_factory.mktemp("redesign_data"))
+
+
+def write_recipe_data(d: Path) -> dict:
+    """The recipe's three task files in `d`."""
     return {"dir": d, "t1": write_task1(d / "t1.csv", lines=120), "t2": write_task_ranking(d / "t2.csv", lines=120),
             "t3": write_task_classes(d / "t3.csv", lines=120)}
 
@@ -123,13 +127,11 @@ def regenerate(path: Path = FIXTURE) -> None:
     """Write the fixture from the current code: every method's recipe with one thread."""
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        data = {"dir": d, "t1": write_task1(d / "t1.csv", lines=120), "t2": write_task_ranking(d / "t2.csv", lines=120),
-                "t3": write_task_classes(d / "t3.csv", lines=120)}
+        data = write_recipe_data(Path(tmp))
         out = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
         for method in METHODS:
-            (d / method).mkdir()
-            out[method] = {k: v.clone() for k, v in current_tensors(run_recipe(data, method, d / method)).items()}
+            (data["dir"] / method).mkdir()
+            out[method] = {k: v.clone() for k, v in current_tensors(run_recipe(data, method, data["dir"] / method)).items()}
     torch.save(out, path)
     print(f"wrote {path} ({out['cpu_capability']})")
 

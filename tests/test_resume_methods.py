@@ -34,6 +34,11 @@ def _state(path) -> dict:
     return ckpt
 
 
+def _without_timing(epochs: list[dict]) -> list[dict]:
+    """Per-epoch records less their wall-clock fields, which differ between any two runs."""
+    return [{k: v for k, v in e.items() if k not in ("seconds", "timing")} for e in epochs]
+
+
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
@@ -82,8 +87,7 @@ def test_a_run_stopped_after_an_epoch_resumes_bit_for_bit(data, tmp_path, monkey
     whole, resumed = (json.loads((tmp_path / f"{n}_{savepath}.json").read_text()) for n in ("whole", "cut"))
     phases = [e["phase"] for e in whole["epochs"]]
     assert phase in phases and len(whole["epochs"]) >= 2
-    strip = lambda es: [{k: v for k, v in e.items() if k not in ("seconds", "timing")} for e in es]  # noqa: E731
-    assert strip(resumed["epochs"]) == strip(whole["epochs"])
+    assert _without_timing(resumed["epochs"]) == _without_timing(whole["epochs"])
     assert resumed["best_epoch"] == whole["best_epoch"] and resumed["test"] == whole["test"]
     a, b = _state(tmp_path / f"whole_{savepath}.pt"), _state(tmp_path / f"cut_{savepath}.pt")
     assert a.keys() == b.keys()
@@ -101,15 +105,12 @@ def test_reproduce_continues_an_interrupted_stage_bit_for_bit(tmp_path, monkeypa
     import prepare_data
     import reproduce
     manifest = prepare_data.make_synthetic(tmp_path / "data", users=40, items=40, seq_len=6, num_tasks=3, seed=0)
-    runs = {}
-
     def reproduce_into(name: str) -> list[list[str]]:
         calls: list[list[str]] = []
         monkeypatch.setattr(reproduce, "subprocess",
                             types.SimpleNamespace(run=helpers.in_process_runner(calls, ["--channels", "8", "--dilations", "1", "2"])))
-        runs[name] = tmp_path / name
         reproduce.main(["--dataset", str(manifest), "--methods", "teracon", "--seeds", "0", "--max_epochs", "3",
-                        "--out", str(runs[name]), "--device", "cpu", "--no_plots"])
+                        "--out", str(tmp_path / name), "--device", "cpu", "--no_plots"])
         return calls
 
     threads = torch.get_num_threads()
@@ -134,13 +135,12 @@ def test_reproduce_continues_an_interrupted_stage_bit_for_bit(tmp_path, monkeypa
         torch.set_num_threads(threads)
     assert [c[c.index("--task") + 1] if "--task" in c else "1" for c in calls] == ["2", "3"]  # task 1 skipped
     assert "--resume" in calls[0] and "--resume" not in calls[1]
-    whole, cut = (runs[n] / "synthetic" / "teracon" / "seed0" for n in ("whole", "cut"))
-    strip = lambda es: [{k: v for k, v in e.items() if k not in ("seconds", "timing")} for e in es]  # noqa: E731
+    whole, cut = (tmp_path / n / "synthetic" / "teracon" / "seed0" for n in ("whole", "cut"))
     for task in (1, 2, 3):
         a, b = _state(whole / f"task{task}.pt"), _state(cut / f"task{task}.pt")
         assert a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a if k != "args"), task
         differ = {k for k in a["args"] if a["args"][k] != b["args"].get(k)}
         assert differ <= {"paths", "datapath_index"}, differ  # the two runs' folders
         sa, sb = (json.loads((f / f"task{task}.json").read_text()) for f in (whole, cut))
-        assert strip(sa["epochs"]) == strip(sb["epochs"]) and sa["test"] == sb["test"], task
+        assert _without_timing(sa["epochs"]) == _without_timing(sb["epochs"]) and sa["test"] == sb["test"], task
     assert json.loads((whole / "matrix.json").read_text()) == json.loads((cut / "matrix.json").read_text())
