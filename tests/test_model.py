@@ -253,6 +253,31 @@ def test_causal_conv_bf16_autocast_close_to_fp32():
     torch.testing.assert_close(low.float(), conv(x), rtol=0.05, atol=0.05)
 
 
+def test_bf16_autocast_builds_the_masks_and_the_evaluation_heads_in_fp32():
+    """Under bf16 autocast the masks of every task are the fp32 masks exactly (eq. 12-13: the
+    relation MLPs are Linear layers, which autocast would run in bf16, and at s = 50 the sigmoid
+    turns their bf16 rounding into a different mask), and `fp32_heads` gives fp32 logits that
+    equal the fp32 head on the bf16 hidden state (evaluation: bf16 logits tie); without it the
+    head runs in bf16."""
+    model = tiny_model(head_sizes=(N_ITEMS, 5, 3))
+    with torch.no_grad():
+        for p in model.task_masks.parameters():
+            p.uniform_(-2.0, 2.0)  # relation weights away from their init, so bf16 rounding shows
+    exact = model.masks(50.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        masks = model.masks(50.0)
+        unguarded = model.task_masks(50.0, model.relation)  # the MLPs as autocast would run them
+    assert masks.dtype == torch.float32 and torch.equal(masks, exact)
+    assert not torch.equal(unguarded, exact)  # so the guard matters
+    seq = torch.randint(1, N_ITEMS, (4, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        [fp32_logits] = model.task_logits(seq, [(2, None)], masks, fp32_heads=True)
+        [bf16_logits] = model.task_logits(seq, [(2, None)], masks)
+        hidden = model.encode(seq, masks[2:3])[:, -1]
+    assert fp32_logits.dtype == torch.float32 and bf16_logits.dtype == torch.bfloat16
+    torch.testing.assert_close(fp32_logits, model.heads[2](hidden.float()), rtol=0, atol=0)
+
+
 def test_encode_is_causal():
     """The hidden state at position p depends on items 0..p only (and does depend on item p)."""
     model = tiny_model()
