@@ -202,11 +202,28 @@ def provenance(runs: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def placement(frame: pd.DataFrame, reference_csv: str | Path, tolerance: float = 2.0) -> pd.DataFrame:
+# Student's t, two-sided 95% (the 0.975 quantile), by degrees of freedom 1..30; 1.96 beyond.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def prediction_half_width(reference_seeds: int, seeds: int) -> float:
+    """The 95% prediction interval's half-width in reference std for the mean of `seeds` new runs
+    drawn like an n-seed reference: t_0.975(n - 1) * sqrt(1/seeds + 1/n) (the std itself is
+    estimated from n runs, hence t, not 2). n < 2 has no spread: 0 (the run must equal it)."""
+    n = reference_seeds
+    if n < 2:
+        return 0.0
+    t = T_975[n - 2] if n - 1 <= len(T_975) else 1.96
+    return t * math.sqrt(1.0 / seeds + 1.0 / n)
+
+
+def placement(frame: pd.DataFrame, reference_csv: str | Path) -> pd.DataFrame:
     """Each method and task of this comparison against a committed reference table
     (`table.csv`) of the same protocol: the final main metric here (mean over this run's seeds),
-    the reference's mean and std after the last task, the distance in reference std, and
-    whether it lies within `tolerance` std."""
+    the reference's mean, std and seeds after the last task, the distance in reference std, and
+    whether it lies within the reference's 95% prediction interval (`prediction_half_width`)."""
     ref = pd.read_csv(reference_csv)
     main = main_metric(frame[frame["method"] != REFERENCE])
     last = main.groupby(["method", "seed"])["after"].transform("max")
@@ -220,33 +237,35 @@ def placement(frame: pd.DataFrame, reference_csv: str | Path, tolerance: float =
         m, sd = float(match["after_last_mean"].iloc[0]), float(match["after_last_std"].iloc[0])
         seeds = sum(1 for c in match.columns if c.startswith("after_last_seed") and pd.notna(match[c].iloc[0]))
         d = (r.mean - m) / sd if sd > 0 else (0.0 if r.mean == m else math.copysign(math.inf, r.mean - m))
+        allowed = prediction_half_width(seeds, int(r.count)) if sd > 0 else 0.0
         rows.append({"method": r.method, "task": r.task, "name": r.name, "metric": r.metric, "value": r.mean,
                      "seeds": int(r.count), "reference_mean": m, "reference_std": sd, "reference_seeds": seeds,
-                     "distance_in_std": d, "within": bool(abs(d) <= tolerance)})
+                     "distance_in_std": d, "allowed_std": allowed, "within": bool(abs(d) <= allowed)})
     return pd.DataFrame(rows)
 
 
-def format_placement(place: pd.DataFrame, reference: str, tolerance: float = 2.0) -> str:
+def format_placement(place: pd.DataFrame, reference: str) -> str:
     """The placement table and a plain verdict."""
     if place.empty:
         return f"No method of this run is in the reference {reference}: nothing to place it against."
     lines = [f"Your run against the committed reference {reference} (final model, main metric):", "",
-             "| method | task | name | metric | yours | reference (mean ± std, seeds) | distance / std | |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | task | name | metric | yours | reference (mean ± std, seeds) | distance / std | "
+             "95% interval / std | |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in place.itertuples():
         lines.append(f"| {r.method} | {r.task} | {r.name} | {r.metric} | {r.value:.4f} | "
                      f"{_pm(r.reference_mean, r.reference_std)} ({r.reference_seeds}) | {r.distance_in_std:+.2f} | "
-                     f"{'ok' if r.within else 'OUTSIDE'} |")
+                     f"±{r.allowed_std:.2f} | {'ok' if r.within else 'OUTSIDE'} |")
     outside = place[~place["within"]]
     lines.append("")
     if outside.empty:
-        lines.append(f"Reproduced: every task lies within {tolerance:g} std of the reference.")
+        lines.append("Reproduced: every task lies within the reference's 95% prediction interval.")
     else:
         which = ", ".join(f"{r.method} T{r.task} ({r.distance_in_std:+.2f} std)" for r in outside.itertuples())
-        lines.append(f"NOT reproduced on {len(outside)} of {len(place)} task(s): {which} lie outside {tolerance:g} "
-                     "std of the reference. Likely causes: another code commit than the reference's, the CPU "
-                     "(float kernels differ between AVX2, AVX512 and AMX), the thread count, the torch version, "
-                     "or a seed that the reference's few seeds do not cover; see the README's robustness table.")
+        lines.append(f"NOT reproduced on {len(outside)} of {len(place)} task(s): {which} lie outside the "
+                     "reference's 95% prediction interval. Likely causes: another code commit than the reference's, "
+                     "the CPU (float kernels differ between AVX2, AVX512 and AMX), the thread count, the torch "
+                     "version, or a real difference; see the README's robustness table.")
     return "\n".join(lines) + "\n"
 
 

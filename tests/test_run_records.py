@@ -15,6 +15,8 @@ through `cli.main` in this process.
 """
 from __future__ import annotations
 
+import math
+
 import json
 import logging
 import subprocess
@@ -400,7 +402,8 @@ def _run(method: str, seed: int, after1: float, final: tuple[float, float]) -> d
 
 
 REF_COLUMNS = ["method", "task", "name", "metric", "after_task_mean", "after_task_std", "after_last_mean",
-               "after_last_std", "after_task_seed0", "after_last_seed0", "after_task_seed1", "after_last_seed1"]
+               "after_last_std", "after_task_seed0", "after_last_seed0", "after_task_seed1", "after_last_seed1",
+               "after_task_seed2", "after_last_seed2"]
 
 
 def _reference_csv(path: Path, rows: list[list]) -> Path:
@@ -417,45 +420,73 @@ def placement_runs() -> list[dict]:
 
 
 def _reference_rows(t2_std: float) -> list[list]:
+    """teracon with three reference seeds, sinmo with one."""
     nan = float("nan")
     return [
-        ["reference", 1, "watch", "mrr@5", 0.01, 0.0, 0.01, 0.0, 0.01, 0.01, 0.01, 0.01],
+        ["reference", 1, "watch", "mrr@5", 0.01, 0.0, 0.01, 0.0, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01],
         # after_task columns deliberately far off: placement uses after_last
-        ["teracon", 1, "watch", "mrr@5", 0.9, 0.5, 0.25, 0.03125, 0.9, 0.228, 0.9, 0.272],
-        ["teracon", 1, "watch", "ndcg@5", 0.9, 0.5, 0.9, 0.5, 0.9, 0.9, 0.9, 0.9],
-        ["teracon", 2, "age", "accuracy", 0.9, 0.5, 0.5, t2_std, 0.9, 0.45, 0.9, 0.55],
-        ["sinmo", 1, "watch", "mrr@5", 0.2, 0.0, 0.2, 0.0, 0.2, 0.2, nan, nan],  # one seed, std 0
-        ["sinmo", 2, "age", "accuracy", 0.6, 0.0, 0.6, 0.0, 0.6, 0.6, nan, nan],
+        ["teracon", 1, "watch", "mrr@5", 0.9, 0.5, 0.25, 0.03125, 0.9, 0.22, 0.9, 0.25, 0.9, 0.28],
+        ["teracon", 1, "watch", "ndcg@5", 0.9, 0.5, 0.9, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9],
+        ["teracon", 2, "age", "accuracy", 0.9, 0.5, 0.5, t2_std, 0.9, 0.45, 0.9, 0.5, 0.9, 0.55],
+        ["sinmo", 1, "watch", "mrr@5", 0.2, 0.0, 0.2, 0.0, 0.2, 0.2, nan, nan, nan, nan],  # one seed, std 0
+        ["sinmo", 2, "age", "accuracy", 0.6, 0.0, 0.6, 0.0, 0.6, 0.6, nan, nan, nan, nan],
     ]
 
 
-def test_placement_distances_and_the_two_std_boundary(tmp_path, placement_runs):
-    """teracon T1: (0.3125 - 0.25) / 0.03125 = 2.0 exactly: within. T2 with std 0.062:
-    (0.625 - 0.5) / 0.062 = 2.01613: outside. sinmo equals a zero-std reference: distance 0, within.
-    fineall and the reference method are not placed."""
-    csv = _reference_csv(tmp_path / "table.csv", _reference_rows(0.062))
+# two runs against three reference seeds: t_0.975(2) * sqrt(1/2 + 1/3) = 4.303 * 0.9128709 = 3.928083
+HALF_WIDTH = 4.303 * math.sqrt(1 / 2 + 1 / 3)
+
+
+def test_prediction_half_width_by_hand():
+    """t_0.975 with n - 1 degrees of freedom times sqrt(1/k + 1/n): one run against three seeds
+    4.303 * sqrt(4/3); against five 2.776 * sqrt(6/5); 2 runs against 3 seeds as above; no
+    spread below two reference seeds; 1.96 beyond 31."""
+    assert results.prediction_half_width(3, 1) == pytest.approx(4.303 * math.sqrt(4 / 3), rel=1e-12)
+    assert results.prediction_half_width(5, 1) == pytest.approx(2.776 * math.sqrt(6 / 5), rel=1e-12)
+    assert results.prediction_half_width(3, 2) == pytest.approx(3.928083, rel=1e-6)
+    assert results.prediction_half_width(2, 1) == pytest.approx(12.706 * math.sqrt(3 / 2), rel=1e-12)
+    assert results.prediction_half_width(31, 1) == pytest.approx(2.042 * math.sqrt(1 + 1 / 31), rel=1e-12)
+    assert results.prediction_half_width(40, 4) == pytest.approx(1.96 * math.sqrt(1 / 4 + 1 / 40), rel=1e-12)
+    assert results.prediction_half_width(1, 1) == 0.0 and results.prediction_half_width(0, 3) == 0.0
+
+
+def test_placement_distances_and_the_prediction_interval(tmp_path, placement_runs):
+    """teracon T1: (0.3125 - 0.25) / 0.03125 = 2.0 std, within +-3.928 (2 runs, 3 reference seeds);
+    T2 with std 0.03: 0.125 / 0.03 = 4.167 std: outside. sinmo against a one-seed reference (std 0)
+    must equal it: distance 0, within. fineall and the reference method are not placed."""
+    csv = _reference_csv(tmp_path / "table.csv", _reference_rows(0.03))
     place = results.placement(results.long_frame(placement_runs), csv)
     got = {(r["method"], r["task"]): r for r in place.to_dict("records")}
     assert set(got) == {("teracon", 1), ("teracon", 2), ("sinmo", 1), ("sinmo", 2)}
     t1, t2, s1 = got["teracon", 1], got["teracon", 2], got["sinmo", 1]
     assert (t1["metric"], t1["value"], t1["seeds"], t1["reference_mean"], t1["reference_std"],
-            t1["reference_seeds"]) == ("mrr@5", 0.3125, 2, 0.25, 0.03125, 2)
+            t1["reference_seeds"]) == ("mrr@5", 0.3125, 2, 0.25, 0.03125, 3)
     assert t1["distance_in_std"] == pytest.approx(2.0, abs=1e-12) and t1["within"] is True
-    assert (t2["metric"], t2["value"], t2["reference_std"]) == ("accuracy", 0.625, 0.062)
-    assert t2["distance_in_std"] == pytest.approx(0.125 / 0.062, rel=1e-12) and t2["within"] is False
-    assert (s1["value"], s1["seeds"], s1["reference_seeds"], s1["distance_in_std"], s1["within"]) == \
-        (0.2, 1, 1, 0.0, True)
+    assert t1["allowed_std"] == pytest.approx(HALF_WIDTH, rel=1e-12)
+    assert (t2["metric"], t2["value"], t2["reference_std"]) == ("accuracy", 0.625, 0.03)
+    assert t2["distance_in_std"] == pytest.approx(0.125 / 0.03, rel=1e-12) and t2["within"] is False
+    assert (s1["value"], s1["seeds"], s1["reference_seeds"], s1["distance_in_std"], s1["allowed_std"],
+            s1["within"]) == (0.2, 1, 1, 0.0, 0.0, True)
     assert got["sinmo", 2]["within"] is True
 
     text = results.format_placement(place, "results/toy/table.csv")
     lines = text.splitlines()
     assert lines[0] == "Your run against the committed reference results/toy/table.csv (final model, main metric):"
-    assert "| teracon | 1 | watch | mrr@5 | 0.3125 | 0.2500 ± 0.0312 (2) | +2.00 | ok |" in lines
-    assert "| teracon | 2 | age | accuracy | 0.6250 | 0.5000 ± 0.0620 (2) | +2.02 | OUTSIDE |" in lines
-    assert "| sinmo | 1 | watch | mrr@5 | 0.2000 | 0.2000 ± 0.0000 (1) | +0.00 | ok |" in lines
-    assert lines[-1].startswith("NOT reproduced on 1 of 4 task(s): teracon T2 (+2.02 std) lie outside 2 std of the "
-                                "reference. Likely causes: ")
+    assert "| teracon | 1 | watch | mrr@5 | 0.3125 | 0.2500 ± 0.0312 (3) | +2.00 | ±3.93 | ok |" in lines
+    assert "| teracon | 2 | age | accuracy | 0.6250 | 0.5000 ± 0.0300 (3) | +4.17 | ±3.93 | OUTSIDE |" in lines
+    assert "| sinmo | 1 | watch | mrr@5 | 0.2000 | 0.2000 ± 0.0000 (1) | +0.00 | ±0.00 | ok |" in lines
+    assert lines[-1].startswith("NOT reproduced on 1 of 4 task(s): teracon T2 (+4.17 std) lie outside the "
+                                "reference's 95% prediction interval. Likely causes: ")
     assert "Reproduced:" not in text
+
+
+@pytest.mark.parametrize("factor, within", [(1 - 1e-6, True), (1 + 1e-6, False)])
+def test_placement_boundary_is_the_interval(tmp_path, placement_runs, factor, within):
+    """T2's distance just inside or just outside the interval's half-width."""
+    std = 0.125 / (HALF_WIDTH * factor)
+    place = results.placement(results.long_frame(placement_runs), _reference_csv(tmp_path / "t.csv",
+                                                                                 _reference_rows(std)))
+    assert place.set_index(["method", "task"]).loc[("teracon", 2), "within"] == within
 
 
 def test_placement_reproduced_verdict(tmp_path, placement_runs):
@@ -465,7 +496,7 @@ def test_placement_reproduced_verdict(tmp_path, placement_runs):
     assert place["within"].tolist() == [True] * 4
     assert place.set_index(["method", "task"]).loc[("teracon", 2), "distance_in_std"] == pytest.approx(1.0)
     text = results.format_placement(place, "ref.csv")
-    assert text.splitlines()[-1] == "Reproduced: every task lies within 2 std of the reference."
+    assert text.splitlines()[-1] == "Reproduced: every task lies within the reference's 95% prediction interval."
     assert "NOT reproduced" not in text and "OUTSIDE" not in text
 
 
