@@ -212,10 +212,10 @@ def prediction_half_width(reference_seeds: int, seeds: int) -> float:
     """The 95% prediction interval's half-width in reference std for the mean of `seeds` new runs
     drawn like an n-seed reference: t_0.975(n - 1) * sqrt(1/seeds + 1/n) (the std itself is
     estimated from n runs, hence t, not 2). n < 2 has no spread: 0 (the run must equal it)."""
-    n = reference_seeds
-    if n < 2:
+    n, dof = reference_seeds, reference_seeds - 1
+    if dof < 1:
         return 0.0
-    t = T_975[n - 2] if n - 1 <= len(T_975) else 1.96
+    t = T_975[dof - 1] if dof <= len(T_975) else 1.96
     return t * math.sqrt(1.0 / seeds + 1.0 / n)
 
 

@@ -15,10 +15,9 @@ through `cli.main` in this process.
 """
 from __future__ import annotations
 
-import math
-
 import json
 import logging
+import math
 import subprocess
 import sys
 import types
