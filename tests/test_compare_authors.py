@@ -146,3 +146,30 @@ def test_summarise_one_run_arm_pools_the_other_arms_variance():
     assert s["pooled_sd"] == pytest.approx(math.sqrt(0.02)) and s["d"] == pytest.approx(0.0)
     assert math.isnan(s["ours_sd"])
     assert math.isnan(ca.summarise({0: 0.5}, {0: 0.4})["d"])
+
+
+def test_switch_effects_by_hand():
+    """2 x 2 of our arms, 2 runs each, every within-arm variance 2: pooled var 2 on 4 dof,
+    se = sqrt(2 / 4 * 4 * 1/2) = 1; drop_last (5 + 6)/2 - (2 + 3)/2 = 3; select (3 + 6)/2 - (2 + 5)/2 = 1;
+    interaction (2 - 5 - 3 + 6)/2 = 0."""
+    cell = {"ours": {0: 1.0, 1: 3.0}, "ours-drop_last": {0: 4.0, 1: 6.0},
+            "ours-random_batches": {0: 2.0, 1: 4.0}, "ours-match": {0: 5.0, 1: 7.0}}
+    e = ca.switch_effects(cell)
+    assert e["--drop_last"]["effect"] == pytest.approx(3.0) and e["--drop_last"]["se"] == pytest.approx(1.0)
+    assert e["--drop_last"]["t"] == pytest.approx(3.0) and e["--drop_last"]["d"] == pytest.approx(3 / math.sqrt(2))
+    assert e["--select_on random_batches"]["effect"] == pytest.approx(1.0)
+    assert e["interaction"]["effect"] == pytest.approx(0.0) and e["interaction"]["dof"] == 4
+    assert ca.switch_effects({**cell, "ours-match": {}}) is None  # an arm without runs: no design
+    assert ca.switch_effects({arm: {0: 1.0} for arm in cell}) is None  # one run per arm: no variance
+
+
+def test_effects_table_marks_only_cells_beyond_the_t_quantile():
+    big = {"ours": (1.0, 1.1, 0.9), "ours-drop_last": (2.0, 2.1, 1.9),
+           "ours-random_batches": (1.0, 1.1, 0.9), "ours-match": (2.0, 2.1, 1.9)}
+    runs = [{"arm": arm, "seed": seed, "cells": {"after_task": {"3": {"accuracy": v}}, "after_last": {}}}
+            for arm, values in big.items() for seed, v in enumerate(values)]
+    text = ca.effects_table(runs)
+    row = next(line for line in text.splitlines() if line.startswith("| after task | T3"))
+    assert "+1.0000" in row and row.count("*") == 1  # drop_last moves the cell, select_on and interaction do not
+    assert "t_0.975(8) = 2.306" in text
+    assert ca.effects_table([r for r in runs if r["arm"] != "ours"]) == ""
