@@ -43,7 +43,7 @@ import numpy as np
 import utils
 from bench_authors import checkout_error
 from datasets.common import Task, left_pad, write_dataset
-from utils import UserError, atomic_write_json, atomic_write_text, run_cli, sha256_file
+from utils import OneLineParser as Parser, UserError, atomic_write_json, atomic_write_text, run_cli, sha256_file
 
 log = logging.getLogger("teracon")
 
@@ -442,12 +442,6 @@ def report(out: Path, command: str) -> str:
 
 
 # ------------------------------------------------------------------------------ command line
-
-class Parser(argparse.ArgumentParser):
-    """Argparse whose mistakes are one `error:` line (utils.run_cli), not usage and a traceback."""
-    def error(self, message: str):
-        raise UserError(f"{self.prog}: {message}")
-
 
 def build_parser() -> Parser:
     p = Parser(prog="compare_authors.py", description=__doc__.split("\n\n")[0],

@@ -2,6 +2,7 @@
 checkpoint I/O, logging and the ranking/classification metrics of SPEC 6."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -28,6 +29,13 @@ MAX_ERROR_CHARS = 500      # an error line longer than this is cut
 
 class UserError(Exception):
     """A problem with the user's input (file, flag, checkpoint): reported as one line, exit 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argparse whose mistakes (a wrong flag or value) are one `error:` line through `run_cli`,
+    not a usage block."""
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}")
 
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
