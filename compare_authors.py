@@ -63,6 +63,7 @@ MARKER = re.compile(r"-{20,}(train|valid|test)\s*$")
 AUTHORS_LINE = re.compile(r"Accuracy (mrr|hit|ndcg)_(5|20): (\S+)")
 AUTHORS_HIT1 = re.compile(r"accuracy\(hit@1\):\s*(\S+)")
 AUTHORS_EPOCH = re.compile(r"^epoch:(\d+)\s+accuracy\(hit@1\)")
+AUTHORS_VALID_HITS = re.compile(r"^Acc\(hit@1\): \S+% \((\d+)/(\d+)\)")  # training lines start with "Loss:"
 
 
 # ------------------------------------------------------------------------------ data
@@ -155,6 +156,21 @@ def parse_authors_tests(text: str) -> list[dict[str, float]]:
         if m:
             current["epoch"] = int(m.group(1)) + 1  # theirs count from 0, ours from 1
     return blocks
+
+
+def parse_authors_valid(text: str) -> list[list[int]]:
+    """[hits, examples] of every validation block the authors' scripts print (one per epoch)."""
+    out, in_valid = [], False
+    for line in text.splitlines():
+        m = MARKER.search(line)
+        if m:
+            in_valid = m.group(1) == "valid"
+            continue
+        m = AUTHORS_VALID_HITS.search(line)
+        if in_valid and m:
+            out.append([int(m.group(1)), int(m.group(2))])
+            in_valid = False
+    return out
 
 
 def last_test(text: str, what: str) -> dict[str, float]:
@@ -306,15 +322,17 @@ def authors_run(a: argparse.Namespace, data: Path, work: Path, seed: int) -> tup
                                             "--savepath", str(work / "task1")])
     selected = {1: last_test(out, "task 1").get("epoch")}
     cells["after_task"][1] = cell_values(last_test(out, "task 1"), 1)
-    for n in (2, 3):
+    cells["valid_hits"] = {1: parse_authors_valid(out)}
+    for n in range(2, a.tasks + 1):
         out = stage(f"task{n}", "train_teracon.py",
                     [*common, "--epochs", str(a.epochs[n - 1]), "--lr", str(a.lr), "--batch", str(a.batch),
                      "--alpha", str(a.alpha), "--datapath", files[n - 1], "--datapath_index", index,
                      "--paths", str(work / f"task{n - 1}.t7"), "--savepath", str(work / f"task{n}"),
                      "--n_tasks", str(n)])
         cells["after_task"][n] = cell_values(last_test(out, f"task {n}"), n)
+        cells["valid_hits"][n] = parse_authors_valid(out)
         selected[n] = last_test(out, f"task {n}").get("epoch")
-    for n in (1, 2, 3):
+    for n in (1, 2, 3) if a.tasks == 3 else ():
         out = stage(f"past{n}", "inference_past_tasks.py",
                     [*common, "--batch", str(a.batch), "--datapath", files[n - 1], "--datapath_index", index,
                      "--paths", str(work / "task3.t7"), "--n_tasks", "3", "--inference_task", str(n),
@@ -330,7 +348,7 @@ def ours_run(a: argparse.Namespace, arm: str, data: Path, work: Path, seed: int)
               "--smax", str(a.smax), "--patience", "5", "--device", "cpu", "--quiet", *ARMS[arm]]
     stages, cells = [], {"after_task": {}, "after_last": {}}
     scripts = ("train_task1.py", "train_teracon_t2.py", "train_teracon_t3.py")
-    for n, script in enumerate(scripts, 1):
+    for n, script in enumerate(scripts[:a.tasks], 1):
         flags = [*common, "--epochs", str(a.epochs[n - 1]), "--lr", str(a.lr), "--savepath", str(work / f"task{n}")]
         if n == 1:
             flags += ["--batch", "32", "--mask_reg", "0", "--channels", "256", "--dilations", *"1 4 1 4 1 4 1 4".split()]
@@ -342,6 +360,10 @@ def ours_run(a: argparse.Namespace, arm: str, data: Path, work: Path, seed: int)
         summary = json.loads((work / f"task{n}.json").read_text())
         cells["after_task"][n] = cell_values(summary["test"], n)
         cells.setdefault("selected_epoch", {})[n] = summary["best_epoch"]
+        cells.setdefault("valid_hits", {})[n] = [[round(e["valid"]["hit@1"] * e["timing"]["valid_examples"]),
+                                                  e["timing"]["valid_examples"]] for e in summary["epochs"]]
+    if a.tasks < 3:
+        return cells, stages
     cmd = [sys.executable, str(a.ours / "evaluate.py"), "--paths", str(work / "task3.pt"), "--device", "cpu",
            "--json", str(work / "eval.json")]
     _, seconds = run_stage(cmd, work / "evaluate.log", a.ours)
@@ -386,7 +408,29 @@ def one_run(a: argparse.Namespace, arm: str, seed: int, data: Path) -> dict:
             "threads": os.environ.get("OMP_NUM_THREADS", "default"),
             "data": {t: sha256_file(data / f"{t}.csv") for t in TASKS},
             "settings": {"epochs": a.epochs, "lr": a.lr, "batch": a.batch, "batch1": 32, "alpha": a.alpha,
-                         "smax": a.smax, "patience": 5, "channels": 256, "dilations": [1, 4] * 4, "mask_reg": 0}}
+                         "smax": a.smax, "patience": 5, "channels": 256, "dilations": [1, 4] * 4, "mask_reg": 0,
+                         "tasks": a.tasks}}
+
+
+def valid_hits_table(runs: list[dict], arms: list[str]) -> str:
+    """Markdown: per arm and task, the mean validation hits of each epoch over the runs that
+    recorded them (`cells.valid_hits`), of how many examples, and the selected-epoch counts."""
+    lines = ["| arm | task | runs | examples | mean hits per epoch | selected epoch: runs |", "|---|---|---|---|---|---|"]
+    for arm in arms:
+        for task in (1, 2, 3):
+            recs = [r["cells"] for r in runs if r["arm"] == arm and str(task) in
+                    {str(k) for k in r["cells"].get("valid_hits", {})}]
+            if not recs:
+                continue
+            per = [c["valid_hits"].get(str(task), c["valid_hits"].get(task)) for c in recs]
+            epochs = max(len(p) for p in per)
+            means = [statistics.fmean(p[e][0] for p in per if len(p) > e) for e in range(epochs)]
+            sizes = sorted({h[1] for p in per for h in p})
+            chosen = [c["selected_epoch"].get(str(task), c["selected_epoch"].get(task)) for c in recs]
+            counts = ", ".join(f"{e}: {chosen.count(e)}" for e in sorted({x for x in chosen if x is not None}))
+            lines.append(f"| {arm} | T{task} | {len(recs)} | {'/'.join(map(str, sizes))} | "
+                         f"{' / '.join(f'{m:.1f}' for m in means)} | {counts} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def load_runs(out: Path) -> list[dict]:
@@ -422,9 +466,14 @@ def report(out: Path, command: str) -> str:
     for arm in arms:
         by_seed = {r["seed"]: r["cells"].get("selected_epoch", {}) for r in runs if r["arm"] == arm}
         parts.append(f"| {arm} | " + " | ".join(
-            " / ".join(str(by_seed[s].get(str(t), by_seed[s].get(t, "?"))) for t in (1, 2, 3)) if s in by_seed else ""
+            " / ".join(str(by_seed[s].get(str(t), by_seed[s].get(t, "-"))) for t in (1, 2, 3)) if s in by_seed else ""
             for s in sorted({r['seed'] for r in runs})) + " |")
     parts.append("")
+    hits = valid_hits_table(runs, arms)
+    if hits:
+        parts.append("Validation hit@1 per epoch, in examples (mean over the seeds that recorded it; the authors "
+                     "and `--select_on random_batches` count a random subset of full batches, drawn afresh "
+                     "each epoch), and how often each epoch was selected:\n\n" + hits + "\n")
     for arm in arms:
         if arm == "authors":
             continue
@@ -461,6 +510,8 @@ def build_parser() -> Parser:
     p.add_argument("--data", type=Path, help="folder of the comparison data (written there if missing; "
                    "default WORK/data)")
     p.add_argument("--data_seed", type=utils.seed_type("--data_seed"), default=0, help="seed of the data generator")
+    p.add_argument("--tasks", type=int, choices=(1, 2, 3), default=3,
+                   help="train tasks 1..N only (the after-last cells need all 3); e.g. 1 for many cheap seeds of task 1")
     p.add_argument("--epochs", nargs=3, type=int, default=[2, 3, 3], metavar=("T1", "T2", "T3"),
                    help="maximum epochs of tasks 1, 2, 3")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of every task")

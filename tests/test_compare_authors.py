@@ -2,7 +2,9 @@
 authors' printed metrics, and its one-line errors. No authors' checkout needed."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +175,38 @@ def test_effects_table_marks_only_cells_beyond_the_t_quantile():
     assert "+1.0000" in row and row.count("*") == 1  # drop_last moves the cell, select_on and interaction do not
     assert "t_0.975(8) = 2.306" in text
     assert ca.effects_table([r for r in runs if r["arm"] != "ours"]) == ""
+
+
+def test_parse_authors_valid_reads_validation_blocks_not_training_lines():
+    assert ca.parse_authors_valid(AUTHORS_STDOUT) == [[57, 1024]]  # "Loss: ... | Acc(hit@1): 0.000% (0/1024)" is training
+    assert ca.parse_authors_valid(AUTHORS_STDOUT + AUTHORS_ACC_STDOUT) == [[57, 1024], [716, 1024]]
+
+
+def test_valid_hits_table_means_per_epoch_and_selected_counts():
+    runs = [{"arm": "authors", "seed": 0, "cells": {"valid_hits": {"1": [[140, 512], [150, 512]]},
+                                                     "selected_epoch": {"1": 2}}},
+            {"arm": "authors", "seed": 1, "cells": {"valid_hits": {"1": [[146, 512], [144, 512]]},
+                                                     "selected_epoch": {"1": 1}}},
+            {"arm": "ours", "seed": 0, "cells": {"selected_epoch": {"1": 2}}}]  # an older record: no hits
+    text = ca.valid_hits_table(runs, ["authors", "ours"])
+    assert "| authors | T1 | 2 | 512 | 143.0 / 147.0 | 1: 1, 2: 1 |" in text
+    assert "| ours |" not in text
+    assert ca.valid_hits_table(runs[2:], ["ours"]) == ""
+
+
+def test_tasks_1_runs_task_1_only_and_records_its_validation_hits(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_stage(cmd, log_path, cwd):
+        ran.append(Path(cmd[1]).name)
+        epochs = [{"valid": {"hit@1": h / 512}, "timing": {"valid_examples": 512}} for h in (140, 150)]
+        metrics = {"mrr@5": 0.5, "hr@5": 0.8, "ndcg@5": 0.6}
+        (tmp_path / "task1.json").write_text(json.dumps({"test": metrics, "best_epoch": 2, "epochs": epochs}))
+        return "", 1.0
+
+    monkeypatch.setattr(ca, "run_stage", fake_stage)
+    a = ca.build_parser().parse_args(["--tasks", "1", "--ours", str(tmp_path)])
+    cells, stages = ca.ours_run(a, "ours-match", tmp_path, tmp_path, 0)
+    assert ran == ["train_task1.py"] and [s["stage"] for s in stages] == ["task1"]
+    assert cells["valid_hits"] == {1: [[140, 512], [150, 512]]} and cells["after_last"] == {}
+    assert "--drop_last" in stages[0]["command"] and "--select_on random_batches" in stages[0]["command"]
