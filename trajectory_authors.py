@@ -38,6 +38,7 @@ from tqdm import tqdm
 import data_loader as dl
 import utils
 from bench_authors import checkout_error, load_authors, tensor_get_device_is_device
+from compare_authors import ROOT, code_of, cpu_name
 from nextitnet import NextItNet
 from teracon import Task1Step, anneal_s
 from trainer import make_optimizer, train_step
@@ -169,7 +170,7 @@ def run(a: argparse.Namespace) -> dict:
                  "authors %d / ours %d of %d, MRR@5 %.6f / %.6f; %.0fs", epoch, len(batches), worst_loss, rel, where,
                  scores["authors"]["hits"], scores["ours"]["hits"], len(valid), scores["authors"]["mrr@5"],
                  scores["ours"]["mrr@5"], record["seconds"])
-    result = {"seed": a.seed, "dtype": a.dtype, "threads": torch.get_num_threads(), "train": len(train_idx),
+    result = {"seed": a.seed, "dtype": a.dtype, "code": code_of(ROOT), "cpu": cpu_name(), "threads": torch.get_num_threads(), "train": len(train_idx),
               "valid": len(valid), "start_relative_weight_difference": start_rel, "epochs": epochs,
               "data": str(path), "data_sha256": utils.sha256_file(path)}
     if a.out:
