@@ -26,6 +26,7 @@ The authors' code is imported unchanged from a checkout (`--authors`), as in ben
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 from pathlib import Path
@@ -40,20 +41,23 @@ import utils
 from bench_authors import checkout_error, load_authors, tensor_get_device_is_device
 from compare_authors import ROOT, code_of, cpu_name
 from nextitnet import NextItNet
-from teracon import Task1Step, anneal_s
+from teracon import RetentionStep, Task1Step, anneal_s, auto_chunk_rows
 from trainer import make_optimizer, train_step
 from utils import OneLineParser, UserError, atomic_write_json, run_cli
 
 log = logging.getLogger("teracon")
 
-BATCH, EVAL_BATCH, EMB_LIMIT = 32, 512, 6.0  # what their train_task1.py hard-codes
+BATCH1, EVAL_BATCH, EMB_LIMIT = 32, 512, 6.0  # what their train_task1.py hard-codes; their clamp
 
 
 def copy_weights(theirs: nn.Module, ours: NextItNet) -> None:
-    """Their NextItNet_Decoder's weights into our one-task model: their Conv2d (C, C, 1, k) is our
-    Conv1d (C, C, k); block b's task embedding rows (mask 1, mask 2) are our layers 2b, 2b + 1."""
+    """Their NextItNet_Decoder's weights (generator_hat_other's or teracon's) into our model of as
+    many tasks: their Conv2d (C, C, 1, k) is our Conv1d (C, C, k); block b's task embedding rows
+    (mask 1, mask 2) of task t are our layers 2b, 2b + 1 of task t; their relation MLPs mlp1[t],
+    mlp2[t] of block b (teracon's model only) are our relation weights of task t, layers 2b, 2b + 1."""
     with torch.no_grad():
         ours.item_embedding.weight.copy_(theirs.embeding.weight)
+        masks = ours.task_masks
         for b, (tb, ob) in enumerate(zip(theirs.residual_blocks, ours.blocks)):
             for name in ("conv1", "conv2"):
                 getattr(ob, name).weight.copy_(getattr(tb, name).weight.squeeze(2))
@@ -61,18 +65,25 @@ def copy_weights(theirs: nn.Module, ours: NextItNet) -> None:
             for name in ("ln1", "ln2"):
                 getattr(ob, name).weight.copy_(getattr(tb, name).weight)
                 getattr(ob, name).bias.copy_(getattr(tb, name).bias)
-            ours.task_masks.task_embedding[0, 2 * b:2 * b + 2].copy_(tb.ec[0].weight)
-        ours.heads[0].weight.copy_(theirs.task_classifier[0].weight)
-        ours.heads[0].bias.copy_(theirs.task_classifier[0].bias)
+            for t in range(ours.num_tasks):
+                masks.task_embedding[t, 2 * b:2 * b + 2].copy_(tb.ec[t].weight)
+                for r, mlp in enumerate((getattr(tb, "mlp1", None), getattr(tb, "mlp2", None))):
+                    if mlp is not None:
+                        masks.relation_weight[t, 2 * b + r].copy_(mlp[t].weight[0])
+                        masks.relation_bias[t, 2 * b + r].copy_(mlp[t].bias[0])
+        for t, head in enumerate(ours.heads):
+            head.weight.copy_(theirs.task_classifier[t].weight)
+            head.bias.copy_(theirs.task_classifier[t].bias)
 
 
 def their_weights_as_ours(theirs: nn.Module, like: NextItNet) -> dict[str, torch.Tensor]:
-    """Their current weights under our parameter names (for the comparison); not our relation
-    MLPs, which a one-task model holds but never uses."""
-    twin = NextItNet(like.num_items, [like.heads[0].out_features], channels=like.channels,
+    """Their current weights under our parameter names (for the comparison); our relation MLPs
+    only where their model has them (a one-task model of ours holds them but never uses them)."""
+    twin = NextItNet(like.num_items, [h.out_features for h in like.heads], channels=like.channels,
                      dilations=like.dilations).to(like.item_embedding.weight.dtype)
     copy_weights(theirs, twin)
-    return {n: p.detach() for n, p in twin.named_parameters() if not n.startswith("task_masks.relation")}
+    relation = hasattr(theirs.residual_blocks[0], "mlp1")
+    return {n: p.detach() for n, p in twin.named_parameters() if relation or not n.startswith("task_masks.relation")}
 
 
 def largest_relative_difference(theirs: nn.Module, ours: NextItNet) -> tuple[float, str]:
@@ -91,88 +102,175 @@ def largest_relative_difference(theirs: nn.Module, ours: NextItNet) -> tuple[flo
 
 
 @torch.no_grad()
-def validation(theirs: nn.Module, ours: NextItNet, valid: torch.Tensor, smax: float) -> dict[str, dict[str, float]]:
-    """hit@1 (in examples) and MRR@5 of both models on the whole validation split, last position."""
+def validation(theirs: nn.Module, ours: NextItNet, data: dl.TaskData, smax: float) -> dict[str, dict[str, float]]:
+    """hit@1 (in examples) and MRR@5 of both models on the whole validation split of the model's
+    newest task, at s = smax (task 1: the last position)."""
     out = {"authors": {"hits": 0, "mrr@5": 0.0}, "ours": {"hits": 0, "mrr@5": 0.0}}
     theirs.eval(), ours.eval()
-    masks = ours.masks(smax)
-    for start in range(0, len(valid), EVAL_BATCH):
-        seqs = valid[start:start + EVAL_BATCH]
+    task, masks, idx = ours.num_tasks - 1, ours.masks(smax), data.splits["valid"]
+    for start in range(0, len(idx), EVAL_BATCH):
+        src, tgt = data.batch(idx[start:start + EVAL_BATCH], torch.device("cpu"))
         with tensor_get_device_is_device():
-            their_logits, _ = theirs(seqs[:, :-1], smax, [], 0, "cpu", onecall=True)
-        [our_logits] = ours.task_logits(seqs, [(0, None)], masks)
+            if task == 0:
+                their_logits, _ = theirs(src[:, :-1], smax, [], 0, "cpu", onecall=True)
+            else:
+                their_logits, _ = theirs(src, smax, [], task, "cpu", onecall=True, new_task=task)
+        [our_logits] = ours.task_logits(src, [(task, None)], masks)
+        target = src[:, -1] if task == 0 else tgt
         for side, logits in (("authors", their_logits), ("ours", our_logits)):
-            target = seqs[:, -1]
             rank = (logits > logits.gather(1, target[:, None])).sum(1)  # 0-based
             out[side]["hits"] += int((rank == 0).sum())
             out[side]["mrr@5"] += float(torch.where(rank < 5, 1.0 / (rank + 1.0), 0.0).sum())
     for side in out:
-        out[side]["mrr@5"] /= len(valid)
+        out[side]["mrr@5"] /= len(idx)
     theirs.train(), ours.train()
     return out
+
+
+class AuthorsTask1:
+    """The loop body of their train_task1.py: CE over every position, Adam, clamp."""
+
+    def __init__(self, model: nn.Module, lr: float):
+        self.model, self.opt, self.ce = model, torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0), nn.CrossEntropyLoss()
+
+    def step(self, src: torch.Tensor, tgt: torch.Tensor, s: float, subsets: list[np.ndarray]) -> float:
+        with tensor_get_device_is_device():
+            self.opt.zero_grad()
+            logits, _ = self.model(src[:, :-1], s, [], 0, "cpu")
+            loss = self.ce(logits, src[:, 1:].reshape(-1))
+            loss.backward()
+            self.opt.step()
+        clamp_their_task_embeddings(self.model)
+        return loss.item()
+
+
+class AuthorsTask2:
+    """The loop body of their train_teracon.py for task 2: the frozen previous model labels task
+    1's subset of the batch (the sources without their last item, plain mask), the student scores
+    it with its relation-aware mask and the new task on the whole batch; CE + alpha * the
+    rho-weighted MSE; rho for the next batch from their `sample_ratio`; the step is skipped if
+    the CE is not finite; clamp."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, lr: float, alpha: float, sample_ratio):
+        self.model, self.teacher, self.alpha, self.sample_ratio = model, teacher, alpha, sample_ratio
+        self.opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0)
+        self.ce, self.mse, self.rho = nn.CrossEntropyLoss(), nn.MSELoss(), [0.9]
+
+    def step(self, src: torch.Tensor, tgt: torch.Tensor, s: float, subsets: list[np.ndarray]) -> float:
+        [rows] = subsets
+        with tensor_get_device_is_device():
+            self.opt.zero_grad()
+            teacher_out, teacher_masks = self.teacher(src[rows, :-1], s, [], 0, "cpu", onecall=True, new_task=1)
+            out, new_masks = self.model(src, s, [], 1, "cpu", onecall=True, new_task=1)
+            student_out, _ = self.model(src[rows, :-1], s, [], 0, "cpu", onecall=True, backward=True, new_task=1)
+            retention = self.rho[0] / sum(self.rho) * self.mse(student_out, teacher_out)
+            loss = self.ce(out, tgt)
+            self.rho = [self.sample_ratio(teacher_masks, new_masks)]
+            value = float("nan")
+            if torch.isfinite(loss):
+                loss = loss + self.alpha * retention
+                loss.backward()
+                self.opt.step()
+                value = loss.item()
+        clamp_their_task_embeddings(self.model)
+        return value
+
+
+def clamp_their_task_embeddings(model: nn.Module) -> None:
+    with torch.no_grad():
+        for block in model.residual_blocks:
+            for emb in block.ec:
+                emb.weight.clamp_(-EMB_LIMIT, EMB_LIMIT)
+
+
+def run_phase(a: argparse.Namespace, task: int, data: dl.TaskData, theirs, ours: NextItNet, our_step,
+              epochs: int, batch_size: int) -> list[dict]:
+    """`epochs` epochs of one task on both sides, on our pipeline's batches; per epoch the record."""
+    cpu, records = torch.device("cpu"), []
+    our_opt = make_optimizer([p for p in ours.parameters() if p.requires_grad], a.lr, cpu)
+    rng = np.random.default_rng([a.seed, 0])  # trainer.train's batch stream of a phase
+    subset_rng = np.random.default_rng([a.seed, 1])
+    train_idx = data.splits["train"]
+    for epoch in range(1, epochs + 1):
+        batches = list(dl.batches(train_idx, batch_size, rng, drop_last=True))  # their getBatch: full batches
+        if a.steps:
+            batches = batches[:a.steps]
+        worst_loss, worst_rho, sums, t0 = 0.0, 0.0, {"authors": 0.0, "ours": 0.0}, time.time()
+        for b, idx in enumerate(tqdm(batches, desc=f"task {task} epoch {epoch}", leave=False, disable=a.quiet)):
+            src, tgt = data.batch(idx, cpu)
+            s = anneal_s(b, len(train_idx) / batch_size, a.smax)
+            subsets = []
+            if task > 1:  # their subset size int(B * rho) of their rho; ours must have the same rho
+                subsets = [subset_rng.permutation(len(src))[:int(len(src) * theirs.rho[0])]]
+                worst_rho = max(worst_rho, abs(float(our_step.rho[0]) - theirs.rho[0]))
+                our_step._subsets = lambda _batch, given=subsets: given
+            their_loss = theirs.step(src, tgt, s, subsets)
+            our_loss = train_step(ours, our_step, our_opt, src, tgt, s, cpu)
+            our_loss = float("nan") if our_loss is None else our_loss
+            worst_loss = max(worst_loss, abs(their_loss - our_loss))
+            sums["authors"], sums["ours"] = sums["authors"] + their_loss, sums["ours"] + our_loss
+        rel, where = largest_relative_difference(theirs.model, ours)
+        scores = validation(theirs.model, ours, data, a.smax)
+        record = {"task": task, "epoch": epoch, "steps": len(batches), "max_abs_loss_difference": worst_loss,
+                  "max_relative_weight_difference": rel, "worst_tensor": where, "valid": scores,
+                  "mean_train_loss": {side: v / len(batches) for side, v in sums.items()},
+                  "seconds": round(time.time() - t0, 1)}
+        if task > 1:
+            record["max_abs_rho_difference"] = worst_rho
+        records.append(record)
+        log.info("task %d epoch %d: %d steps, max |loss diff| %.3g%s, max relative weight diff %.3g (%s); valid "
+                 "hit@1 authors %d / ours %d of %d, MRR@5 %.6f / %.6f; %.0fs", task, epoch, len(batches), worst_loss,
+                 f", max |rho diff| {worst_rho:.3g}" if task > 1 else "", rel, where, scores["authors"]["hits"],
+                 scores["ours"]["hits"], len(data.splits["valid"]), scores["authors"]["mrr@5"], scores["ours"]["mrr@5"],
+                 record["seconds"])
+    return records
 
 
 def run(a: argparse.Namespace) -> dict:
     why = checkout_error(str(a.authors))
     if why:
         raise UserError(why.removeprefix("error: "))
-    path = a.data / "t1_watch.csv"
-    if not path.is_file():
-        raise UserError(f"{path}: task-1 CSV not found (compare_authors.py writes the comparison data)")
-    data, _ = dl.load_task1(path, a.seed)  # our loader, item index and split, as train_task1.py
+    paths = [a.data / "t1_watch.csv", a.data / "t2_click.csv"][:1 + (a.task2_epochs > 0)]
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: not found (compare_authors.py writes the comparison data)")
     dtype = {"float64": torch.float64, "float32": torch.float32}[a.dtype]
     mods = load_authors(str(a.authors))
-    num_items, cpu = data.num_classes, torch.device("cpu")
-    valid = data.batch(data.splits["valid"], cpu)[0]
-    train_idx = data.splits["train"]
-    rng = np.random.default_rng([a.seed, 0])  # trainer.train's batch stream of a first phase
+    data1, items = dl.load_task1(paths[0], a.seed)  # our loader, item index and split, as train_task1.py
+    num_items = data1.num_classes
+
     torch.manual_seed(a.seed)
     para = {"item_size": num_items, "dilated_channels": a.channels, "dilations": list(a.dilations),
-            "kernel_size": 3, "learning_rate": a.lr, "batch_size": BATCH, "task_embs": [0, 2]}
-    theirs = mods["generator_hat_other"].NextItNet_Decoder(para).to(dtype)
+            "kernel_size": 3, "learning_rate": a.lr, "batch_size": BATCH1, "task_embs": [0, 2]}
+    theirs1 = mods["generator_hat_other"].NextItNet_Decoder(para).to(dtype)
     ours = NextItNet(num_items, [num_items], channels=a.channels, dilations=tuple(a.dilations)).to(dtype)
-    copy_weights(theirs, ours)
-    their_opt = torch.optim.Adam(theirs.parameters(), lr=a.lr, weight_decay=0)
-    our_opt = make_optimizer([p for p in ours.parameters() if p.requires_grad], a.lr, cpu)
-    step, ce = Task1Step(ours, mask_reg=0.0), nn.CrossEntropyLoss()
-    start_rel, _ = largest_relative_difference(theirs, ours)
-
-    batches_per_epoch = len(train_idx) / BATCH
-    epochs = []
-    for epoch in range(1, a.epochs + 1):
-        batches = list(dl.batches(train_idx, BATCH, rng, drop_last=True))  # their getBatch: full batches
-        if a.steps:
-            batches = batches[:a.steps]
-        worst_loss, sums, t0 = 0.0, {"authors": 0.0, "ours": 0.0}, time.time()
-        for b, idx in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=a.quiet)):
-            batch, tgt = data.batch(idx, cpu)
-            s = anneal_s(b, batches_per_epoch, a.smax)
-            with tensor_get_device_is_device():
-                their_opt.zero_grad()
-                logits, _ = theirs(batch[:, :-1], s, [], 0, "cpu")
-                their_loss = ce(logits, batch[:, 1:].reshape(-1))
-                their_loss.backward()
-                their_opt.step()
-            with torch.no_grad():
-                for block in theirs.residual_blocks:
-                    block.ec[0].weight.clamp_(-EMB_LIMIT, EMB_LIMIT)
-            our_loss = train_step(ours, step, our_opt, batch, tgt, s, cpu)
-            worst_loss = max(worst_loss, abs(their_loss.item() - our_loss))
-            sums["authors"], sums["ours"] = sums["authors"] + their_loss.item(), sums["ours"] + our_loss
-        rel, where = largest_relative_difference(theirs, ours)
-        scores = validation(theirs, ours, valid, a.smax)
-        record = {"epoch": epoch, "steps": len(batches), "max_abs_loss_difference": worst_loss,
-                  "max_relative_weight_difference": rel, "worst_tensor": where, "valid": scores,
-                  "mean_train_loss": {side: v / len(batches) for side, v in sums.items()},
-                  "seconds": round(time.time() - t0, 1)}
-        epochs.append(record)
-        log.info("epoch %d: %d steps, max |loss diff| %.3g, max relative weight diff %.3g (%s); valid hit@1 "
-                 "authors %d / ours %d of %d, MRR@5 %.6f / %.6f; %.0fs", epoch, len(batches), worst_loss, rel, where,
-                 scores["authors"]["hits"], scores["ours"]["hits"], len(valid), scores["authors"]["mrr@5"],
-                 scores["ours"]["mrr@5"], record["seconds"])
-    result = {"seed": a.seed, "dtype": a.dtype, "code": code_of(ROOT), "cpu": cpu_name(), "threads": torch.get_num_threads(), "train": len(train_idx),
-              "valid": len(valid), "start_relative_weight_difference": start_rel, "epochs": epochs,
-              "data": str(path), "data_sha256": utils.sha256_file(path)}
+    copy_weights(theirs1, ours)
+    result = {"seed": a.seed, "dtype": a.dtype, "code": code_of(ROOT), "cpu": cpu_name(),
+              "threads": torch.get_num_threads(), "start_relative_weight_difference":
+              largest_relative_difference(theirs1, ours)[0], "epochs": []}
+    result["epochs"] += run_phase(a, 1, data1, AuthorsTask1(theirs1, a.lr), ours, Task1Step(ours, mask_reg=0.0),
+                                  a.epochs, BATCH1)
+    if a.task2_epochs:
+        data2 = dl.load_task(2, paths[1], items, a.seed)
+        # theirs as train_teracon.py builds them from the task-1 checkpoint (relation MLPs dropped)
+        state = theirs1.state_dict()
+        para2 = dict(para, batch_size=a.batch, num_task=2, target_item_size=[num_items, data2.num_classes])
+        student = mods["teracon"].NextItNet_Decoder(para2).to(dtype)
+        student.load_state_dict({k: v for k, v in state.items() if "mlp" not in k}, strict=False)
+        teacher = mods["teracon"].NextItNet_Decoder(dict(para2, num_task=1, target_item_size=[num_items])).to(dtype)
+        teacher.load_state_dict(state, strict=False)
+        teacher.requires_grad_(False)
+        # ours as methods.Teracon.build grows it: a frozen copy as the teacher, add_task
+        our_teacher = copy.deepcopy(ours).eval().requires_grad_(False)
+        ours.add_task(data2.num_classes)
+        ours.to(dtype)
+        copy_weights(student, ours)  # their fresh draws (new embeddings, head, relation MLPs) into ours
+        cpu = torch.device("cpu")
+        step = RetentionStep(ours, our_teacher, a.alpha, np.random.default_rng(0),
+                             chunk_rows=auto_chunk_rows(cpu, data2.sources.shape[1], a.channels))
+        theirs2 = AuthorsTask2(student, teacher, a.lr, a.alpha, mods["utils"].sample_ratio)
+        result["epochs"] += run_phase(a, 2, data2, theirs2, ours, step, a.task2_epochs, a.batch)
+    result["data"] = {str(p): utils.sha256_file(p) for p in paths}
     if a.out:
         atomic_write_json(a.out, result)
     return result
@@ -187,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of compare_authors.py's data (its t1_watch.csv is read)")
     p.add_argument("--seed", type=utils.seed_type("--seed"), default=0, help="seed of the weights, split and batches")
     p.add_argument("--epochs", type=int, default=2, help="epochs of task 1")
+    p.add_argument("--task2_epochs", type=int, default=1, help="epochs of task 2 after task 1 (0: task 1 only)")
+    p.add_argument("--batch", type=int, default=1024, help="batch of task 2 (task 1: 32, as they hard-code)")
+    p.add_argument("--alpha", type=float, default=0.7, help="weight of knowledge retention in task 2")
     p.add_argument("--steps", type=int, default=0, help="steps per epoch (0: the whole epoch)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="precision of both models")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -200,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
-    if a.epochs < 1 or a.steps < 0:
-        raise UserError("trajectory_authors.py: --epochs must be >= 1 and --steps >= 0")
+    if a.epochs < 1 or a.steps < 0 or a.task2_epochs < 0 or a.batch < 2:
+        raise UserError("trajectory_authors.py: --epochs must be >= 1, --task2_epochs and --steps >= 0, --batch >= 2")
     utils.setup_logging()
     return run(a)
 
