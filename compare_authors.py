@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 import utils
-from bench_authors import checkout_error
+from bench_authors import checkout_error, cpu_name
 from datasets.common import Task, left_pad, write_dataset
 from utils import OneLineParser as Parser, UserError, atomic_write_json, atomic_write_text, run_cli, sha256_file
 
@@ -211,6 +210,10 @@ def switch_effects(cell: dict[str, dict[int, float]]) -> dict[str, dict] | None:
     uses the within-arm variance pooled over the four arms (N - 4 degrees of freedom):
     se = sqrt(var / 4 * sum of 1/n_arm); t = effect / se; d = effect / pooled sd. Also the
     interaction (half the difference of one switch's effect with and without the other).
+    The arms share their seeds (a seed fixes the split, the initialisation and the batch order
+    of every arm), so each effect is also tested paired: per seed present in all four arms the
+    same contrast, then t = mean / (sd / sqrt(n)) on n - 1 degrees of freedom (`paired_t`,
+    `paired_dof`; nan under 2 seeds).
     None unless all four arms have a value and the pooled variance has a degree of freedom."""
     if any(not cell.get(arm) for arm in FACTORIAL):
         return None
@@ -225,11 +228,16 @@ def switch_effects(cell: dict[str, dict[int, float]]) -> dict[str, dict] | None:
              "--select_on random_batches": {"ours": -1, "ours-drop_last": -1, "ours-random_batches": 1,
                                             "ours-match": 1},
              "interaction": {"ours": 1, "ours-drop_last": -1, "ours-random_batches": -1, "ours-match": 1}}
+    seeds = sorted(set.intersection(*(set(cell[arm]) for arm in FACTORIAL)))
     out = {}
     for name, sign in signs.items():
         effect = sum(sign[arm] * mean[arm] for arm in FACTORIAL) / 2
+        per_seed = [sum(sign[arm] * cell[arm][x] for arm in FACTORIAL) / 2 for x in seeds]
+        sd = statistics.stdev(per_seed) if len(per_seed) > 1 else float("nan")
+        paired = statistics.fmean(per_seed) / (sd / math.sqrt(len(per_seed))) if sd > 0 else float("nan")
         out[name] = {"effect": effect, "se": se, "t": effect / se if se > 0 else float("nan"),
-                     "d": effect / math.sqrt(var) if var > 0 else float("nan"), "dof": dof}
+                     "d": effect / math.sqrt(var) if var > 0 else float("nan"), "dof": dof,
+                     "paired_t": paired, "paired_dof": len(per_seed) - 1}
     return out
 
 
@@ -239,26 +247,29 @@ def effects_table(runs: list[dict]) -> str:
     if any(arm not in data for arm in FACTORIAL):
         return ""
     from results import T_975  # the two-sided 95% t quantiles by degrees of freedom
-    lines = ["| phase | task | metric | runs per arm | --drop_last: effect (se), t | "
-             "--select_on random_batches: effect (se), t | interaction: effect, t |", "|---|---|---|---|---|---|---|"]
+    lines = ["| phase | task | metric | runs per arm | --drop_last: effect (se), t, paired t | "
+             "--select_on random_batches: effect (se), t, paired t | interaction: effect, t, paired t |",
+             "|---|---|---|---|---|---|---|"]
     order = lambda k: (PHASES.index(k[0]), k[1], METRIC_ORDER.index(k[2]))  # noqa: E731
-    crit = None
+    crit = crit_paired = None
     for key in sorted(set.intersection(*(set(data[arm]) for arm in FACTORIAL)), key=order):
         e = switch_effects({arm: data[arm][key] for arm in FACTORIAL})
         if e is None:
             continue
-        dof = e["interaction"]["dof"]
+        dof, pdof = e["interaction"]["dof"], e["interaction"]["paired_dof"]
         crit = T_975[dof - 1] if dof <= len(T_975) else 1.96
-        star = lambda x: "*" if abs(x["t"]) > crit else ""  # noqa: E731
+        crit_paired = (T_975[pdof - 1] if pdof <= len(T_975) else 1.96) if pdof >= 1 else math.inf
+        star = lambda x, key, c: "*" if abs(x[key]) > c else ""  # noqa: E731
         n = "/".join(str(len(data[arm][key])) for arm in FACTORIAL)
-        lines.append(f"| {key[0].replace('_', ' ')} | T{key[1]} | {key[2]} | {n} | "
-                     + " | ".join(f"{e[k]['effect']:+.4f} ({e[k]['se']:.4f}), {e[k]['t']:+.2f}{star(e[k])}"
-                                  for k in ("--drop_last", "--select_on random_batches"))
-                     + f" | {e['interaction']['effect']:+.4f}, {e['interaction']['t']:+.2f}{star(e['interaction'])} |")
+        cells = [f"{e[k]['effect']:+.4f}" + (f" ({e[k]['se']:.4f})" if k != "interaction" else "")
+                 + f", {e[k]['t']:+.2f}{star(e[k], 't', crit)}, {e[k]['paired_t']:+.2f}{star(e[k], 'paired_t', crit_paired)}"
+                 for k in ("--drop_last", "--select_on random_batches", "interaction")]
+        lines.append(f"| {key[0].replace('_', ' ')} | T{key[1]} | {key[2]} | {n} | " + " | ".join(cells) + " |")
     if crit is None:
         return ""
-    return "\n".join(lines) + f"\n\n`*`: |t| > t_0.975({dof}) = {crit:.3f}, a two-sided 5% test of one cell " \
-        "(with 14 cells and 3 effects, about two such marks in 40 come by chance)."
+    return "\n".join(lines) + f"\n\n`*`: beyond the two-sided 5% point of one cell: |t| > t_0.975({dof}) = {crit:.3f}, " \
+        f"|paired t| > t_0.975({pdof}) = {crit_paired:.3f} (with 14 cells and 3 effects, about two such marks in 40 " \
+        "come by chance in each column)."
 
 
 def collect(runs: list[dict]) -> dict[str, dict[tuple[str, int, str], dict[int, float]]]:
@@ -382,16 +393,6 @@ def code_of(folder: Path) -> dict:
             "modified": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def one_run(a: argparse.Namespace, arm: str, seed: int, data: Path) -> dict:
     work = a.work / arm / f"seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
@@ -484,7 +485,9 @@ def report(out: Path, command: str) -> str:
     if effects:
         parts.append("## What each switch does: the 2 x 2 of our four arms\n\nEach switch's main effect is the "
                      "mean of the two arms with it minus the mean of the two without it (in the metric's units); "
-                     "se from the within-arm variance pooled over the four arms.\n\n" + effects + "\n")
+                     "se and t from the within-arm variance pooled over the four arms (the arms as independent "
+                     "samples); paired t from the same contrast taken seed by seed (the arms share each seed's "
+                     "split, initialisation and batch order).\n\n" + effects + "\n")
     md = "\n".join(parts)
     atomic_write_text(out / "table.md", md)
     return md

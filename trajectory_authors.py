@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 import data_loader as dl
 import utils
-from bench_authors import checkout_error, load_authors, tensor_get_device_is_device
-from compare_authors import ROOT, code_of, cpu_name
+from bench_authors import checkout_error, cpu_name, load_authors, tensor_get_device_is_device
+from compare_authors import ROOT, code_of
 from nextitnet import NextItNet
 from teracon import RetentionStep, Task1Step, anneal_s, auto_chunk_rows
 from trainer import make_optimizer, train_step

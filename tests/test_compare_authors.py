@@ -161,19 +161,26 @@ def test_switch_effects_by_hand():
     assert e["--drop_last"]["t"] == pytest.approx(3.0) and e["--drop_last"]["d"] == pytest.approx(3 / math.sqrt(2))
     assert e["--select_on random_batches"]["effect"] == pytest.approx(1.0)
     assert e["interaction"]["effect"] == pytest.approx(0.0) and e["interaction"]["dof"] == 4
+    assert math.isnan(e["--drop_last"]["paired_t"])  # the same contrast in both seeds: no spread
+    # paired by seed: drop_last's contrast is 3 at seed 0 and (6 + 9 - 3 - 4)/2 = 4 at seed 1:
+    # mean 3.5, sd sqrt(0.5), t = 3.5 / (sqrt(0.5) / sqrt(2)) = 7 on 1 dof
+    paired = ca.switch_effects({**cell, "ours-match": {0: 5.0, 1: 9.0}})["--drop_last"]
+    assert paired["paired_t"] == pytest.approx(7.0) and paired["paired_dof"] == 1
     assert ca.switch_effects({**cell, "ours-match": {}}) is None  # an arm without runs: no design
     assert ca.switch_effects({arm: {0: 1.0} for arm in cell}) is None  # one run per arm: no variance
 
 
 def test_effects_table_marks_only_cells_beyond_the_t_quantile():
-    big = {"ours": (1.0, 1.1, 0.9), "ours-drop_last": (2.0, 2.1, 1.9),
-           "ours-random_batches": (1.0, 1.1, 0.9), "ours-match": (2.0, 2.1, 1.9)}
+    big = {"ours": (1.0, 1.1, 0.9), "ours-drop_last": (2.0, 2.2, 1.9),
+           "ours-random_batches": (1.05, 1.1, 0.9), "ours-match": (2.0, 2.1, 1.95)}
     runs = [{"arm": arm, "seed": seed, "cells": {"after_task": {"3": {"accuracy": v}}, "after_last": {}}}
             for arm, values in big.items() for seed, v in enumerate(values)]
     text = ca.effects_table(runs)
     row = next(line for line in text.splitlines() if line.startswith("| after task | T3"))
-    assert "+1.0000" in row and row.count("*") == 1  # drop_last moves the cell, select_on and interaction do not
-    assert "t_0.975(8) = 2.306" in text
+    # drop_last: per seed 0.975, 1.05, 1.025 (mean 1.0167): beyond both quantiles; select_on and the
+    # interaction (per seed +0.025 -0.05 +0.025 and -0.025 -0.05 +0.025) are not
+    assert "+1.0167" in row and row.count("*") == 2 and row.split("|")[5].count("*") == 2
+    assert "t_0.975(8) = 2.306" in text and "t_0.975(2) = 4.303" in text
     assert ca.effects_table([r for r in runs if r["arm"] != "ours"]) == ""
 
 
