@@ -224,10 +224,11 @@ def switch_effects(cell: dict[str, dict[int, float]]) -> dict[str, dict] | None:
     var = sum((len(v) - 1) * statistics.variance(v) for v in values.values() if len(v) > 1) / dof
     mean = {arm: statistics.fmean(v) for arm, v in values.items()}
     se = math.sqrt(var / 4 * sum(1 / len(v) for v in values.values()))
-    signs = {"--drop_last": {"ours": -1, "ours-drop_last": 1, "ours-random_batches": -1, "ours-match": 1},
-             "--select_on random_batches": {"ours": -1, "ours-drop_last": -1, "ours-random_batches": 1,
-                                            "ours-match": 1},
-             "interaction": {"ours": 1, "ours-drop_last": -1, "ours-random_batches": -1, "ours-match": 1}}
+    # +1 where an arm's flags (ARMS) have the switch on, -1 where off; the interaction is their product
+    drop = {arm: 1 if "--drop_last" in ARMS[arm] else -1 for arm in FACTORIAL}
+    select = {arm: 1 if "random_batches" in ARMS[arm] else -1 for arm in FACTORIAL}
+    signs = {"--drop_last": drop, "--select_on random_batches": select,
+             "interaction": {arm: drop[arm] * select[arm] for arm in FACTORIAL}}
     seeds = sorted(set.intersection(*(set(cell[arm]) for arm in FACTORIAL)))
     out = {}
     for name, sign in signs.items():
@@ -246,19 +247,17 @@ def effects_table(runs: list[dict]) -> str:
     data = collect(runs)
     if any(arm not in data for arm in FACTORIAL):
         return ""
-    from results import T_975  # the two-sided 95% t quantiles by degrees of freedom
+    from results import t_975  # results imports pandas: only when a table is made
     lines = ["| phase | task | metric | runs per arm | --drop_last: effect (se), t, paired t | "
              "--select_on random_batches: effect (se), t, paired t | interaction: effect, t, paired t |",
              "|---|---|---|---|---|---|---|"]
-    order = lambda k: (PHASES.index(k[0]), k[1], METRIC_ORDER.index(k[2]))  # noqa: E731
     crit = crit_paired = None
-    for key in sorted(set.intersection(*(set(data[arm]) for arm in FACTORIAL)), key=order):
+    for key in sorted(set.intersection(*(set(data[arm]) for arm in FACTORIAL)), key=cell_order):
         e = switch_effects({arm: data[arm][key] for arm in FACTORIAL})
         if e is None:
             continue
         dof, pdof = e["interaction"]["dof"], e["interaction"]["paired_dof"]
-        crit = T_975[dof - 1] if dof <= len(T_975) else 1.96
-        crit_paired = (T_975[pdof - 1] if pdof <= len(T_975) else 1.96) if pdof >= 1 else math.inf
+        crit, crit_paired = t_975(dof), t_975(pdof) if pdof >= 1 else math.inf
         star = lambda x, key, c: "*" if abs(x[key]) > c else ""  # noqa: E731
         n = "/".join(str(len(data[arm][key])) for arm in FACTORIAL)
         cells = [f"{e[k]['effect']:+.4f}" + (f" ({e[k]['se']:.4f})" if k != "interaction" else "")
@@ -270,6 +269,11 @@ def effects_table(runs: list[dict]) -> str:
     return "\n".join(lines) + f"\n\n`*`: beyond the two-sided 5% point of one cell: |t| > t_0.975({dof}) = {crit:.3f}, " \
         f"|paired t| > t_0.975({pdof}) = {crit_paired:.3f} (with 14 cells and 3 effects, about two such marks in 40 " \
         "come by chance in each column)."
+
+
+def cell_order(key: tuple[str, int, str]) -> tuple[int, int, int]:
+    """Table order of a (phase, task, metric) cell: phase, then task, then metric."""
+    return PHASES.index(key[0]), key[1], METRIC_ORDER.index(key[2])
 
 
 def collect(runs: list[dict]) -> dict[str, dict[tuple[str, int, str], dict[int, float]]]:
@@ -291,8 +295,7 @@ def table(runs: list[dict], arm: str, versus: str = "authors") -> tuple[str, lis
         return "", []
     rows, lines = [], [f"| phase | task | metric | {versus} | {arm} | diff | d | lower | per seed, {arm} - {versus} |",
                        "|---|---|---|---|---|---|---|---|---|"]
-    order = lambda k: (PHASES.index(k[0]), k[1], METRIC_ORDER.index(k[2]))  # noqa: E731
-    for key in sorted(set(data[arm]) & set(data[versus]), key=order):
+    for key in sorted(set(data[arm]) & set(data[versus]), key=cell_order):
         s = summarise(data[arm][key], data[versus][key])
         rows.append({"phase": key[0], "task": key[1], "metric": key[2], **s})
         seeds = " ".join(f"{v:+.3f}" for v in s["per_seed"].values())

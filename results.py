@@ -208,6 +208,11 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.045, 2.042)
 
 
+def t_975(dof: int) -> float:
+    """Student's t 0.975 quantile on `dof` >= 1 degrees of freedom (1.96 beyond 30)."""
+    return T_975[dof - 1] if dof <= len(T_975) else 1.96
+
+
 def prediction_half_width(reference_seeds: int, seeds: int) -> float:
     """The 95% prediction interval's half-width in reference std for the mean of `seeds` new runs
     drawn like an n-seed reference: t_0.975(n - 1) * sqrt(1/seeds + 1/n) (the std itself is
@@ -215,8 +220,7 @@ def prediction_half_width(reference_seeds: int, seeds: int) -> float:
     n, dof = reference_seeds, reference_seeds - 1
     if dof < 1:
         return 0.0
-    t = T_975[dof - 1] if dof <= len(T_975) else 1.96
-    return t * math.sqrt(1.0 / seeds + 1.0 / n)
+    return t_975(dof) * math.sqrt(1.0 / seeds + 1.0 / n)
 
 
 def placement(frame: pd.DataFrame, reference_csv: str | Path) -> pd.DataFrame:
