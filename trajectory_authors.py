@@ -42,6 +42,7 @@ import copy
 import logging
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -62,52 +63,50 @@ log = logging.getLogger("teracon")
 BATCH1, EVAL_BATCH, EMB_LIMIT = 32, 512, 6.0  # what their train_task1.py hard-codes; their clamp
 
 
+def weight_pairs(theirs: nn.Module, ours: NextItNet) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(our parameter's name, a view into it, their matching tensor in its shape) for every weight
+    of their NextItNet_Decoder (generator_hat_other's or teracon's) and our model of as many tasks:
+    their Conv2d (C, C, 1, k) is our Conv1d (C, C, k); block b's task embedding rows (mask 1,
+    mask 2) of task t are our layers 2b, 2b + 1 of task t; their relation MLPs mlp1[t], mlp2[t] of
+    block b (teracon's model only; ours of a one-task model are never used) are our relation
+    weights of task t, layers 2b, 2b + 1."""
+    yield "item_embedding.weight", ours.item_embedding.weight, theirs.embeding.weight
+    masks = ours.task_masks
+    for b, (tb, ob) in enumerate(zip(theirs.residual_blocks, ours.blocks)):
+        for name in ("conv1", "conv2", "ln1", "ln2"):
+            mine, their = getattr(ob, name), getattr(tb, name)
+            yield f"blocks.{b}.{name}.weight", mine.weight, their.weight.reshape(mine.weight.shape)
+            yield f"blocks.{b}.{name}.bias", mine.bias, their.bias
+        for t in range(ours.num_tasks):
+            yield "task_masks.task_embedding", masks.task_embedding[t, 2 * b:2 * b + 2], tb.ec[t].weight
+            for r, mlp in enumerate((getattr(tb, "mlp1", None), getattr(tb, "mlp2", None))):
+                if mlp is not None:
+                    yield "task_masks.relation_weight", masks.relation_weight[t, 2 * b + r], mlp[t].weight[0]
+                    yield "task_masks.relation_bias", masks.relation_bias[t, 2 * b + r], mlp[t].bias[0]
+    for t, head in enumerate(ours.heads):
+        yield f"heads.{t}.weight", head.weight, theirs.task_classifier[t].weight
+        yield f"heads.{t}.bias", head.bias, theirs.task_classifier[t].bias
+
+
+@torch.no_grad()
 def copy_weights(theirs: nn.Module, ours: NextItNet) -> None:
-    """Their NextItNet_Decoder's weights (generator_hat_other's or teracon's) into our model of as
-    many tasks: their Conv2d (C, C, 1, k) is our Conv1d (C, C, k); block b's task embedding rows
-    (mask 1, mask 2) of task t are our layers 2b, 2b + 1 of task t; their relation MLPs mlp1[t],
-    mlp2[t] of block b (teracon's model only) are our relation weights of task t, layers 2b, 2b + 1."""
-    with torch.no_grad():
-        ours.item_embedding.weight.copy_(theirs.embeding.weight)
-        masks = ours.task_masks
-        for b, (tb, ob) in enumerate(zip(theirs.residual_blocks, ours.blocks)):
-            for name in ("conv1", "conv2"):
-                getattr(ob, name).weight.copy_(getattr(tb, name).weight.squeeze(2))
-                getattr(ob, name).bias.copy_(getattr(tb, name).bias)
-            for name in ("ln1", "ln2"):
-                getattr(ob, name).weight.copy_(getattr(tb, name).weight)
-                getattr(ob, name).bias.copy_(getattr(tb, name).bias)
-            for t in range(ours.num_tasks):
-                masks.task_embedding[t, 2 * b:2 * b + 2].copy_(tb.ec[t].weight)
-                for r, mlp in enumerate((getattr(tb, "mlp1", None), getattr(tb, "mlp2", None))):
-                    if mlp is not None:
-                        masks.relation_weight[t, 2 * b + r].copy_(mlp[t].weight[0])
-                        masks.relation_bias[t, 2 * b + r].copy_(mlp[t].bias[0])
-        for t, head in enumerate(ours.heads):
-            head.weight.copy_(theirs.task_classifier[t].weight)
-            head.bias.copy_(theirs.task_classifier[t].bias)
+    """Their weights into ours (`weight_pairs`)."""
+    for _, mine, their in weight_pairs(theirs, ours):
+        mine.copy_(their)
 
 
-def their_weights_as_ours(theirs: nn.Module, like: NextItNet) -> dict[str, torch.Tensor]:
-    """Their current weights under our parameter names (for the comparison); our relation MLPs
-    only where their model has them (a one-task model of ours holds them but never uses them)."""
-    twin = NextItNet(like.num_items, [h.out_features for h in like.heads], channels=like.channels,
-                     dilations=like.dilations).to(like.item_embedding.weight.dtype)
-    copy_weights(theirs, twin)
-    relation = hasattr(theirs.residual_blocks[0], "mlp1")
-    return {n: p.detach() for n, p in twin.named_parameters() if relation or not n.startswith("task_masks.relation")}
-
-
+@torch.no_grad()
 def largest_relative_difference(theirs: nn.Module, ours: NextItNet) -> tuple[float, str]:
-    """max over parameter tensors of max |a - b| / max |a| (a theirs), and which tensor."""
-    ref = their_weights_as_ours(theirs, ours)
+    """max over our parameter tensors of max |a - b| / max |a| (a theirs, over the parts of the
+    tensor `weight_pairs` maps), and which tensor."""
+    diff: dict[str, float] = {}
+    scale: dict[str, float] = {}
+    for name, mine, their in weight_pairs(theirs, ours):
+        diff[name] = max(diff.get(name, 0.0), (their - mine).abs().max().item())
+        scale[name] = max(scale.get(name, 0.0), their.abs().max().item())
     worst, where = 0.0, ""
-    for name, p in ours.named_parameters():
-        if name not in ref:
-            continue
-        a = ref[name]
-        scale = a.abs().max().item() or 1.0
-        rel = (a - p.detach()).abs().max().item() / scale
+    for name in diff:
+        rel = diff[name] / (scale[name] or 1.0)
         if rel > worst:
             worst, where = rel, name
     return worst, where
@@ -315,8 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
     if a.epochs < 1 or a.steps < 0 or a.task2_epochs < 0 or a.batch < 2:
         raise UserError("trajectory_authors.py: --epochs must be >= 1, --task2_epochs and --steps >= 0, --batch >= 2")
-    utils.setup_logging()
-    return run(a)
+    return run(a)  # run_cli has set up logging
 
 
 if __name__ == "__main__":
